@@ -1,0 +1,226 @@
+"""The one reader of ``params.yaml``: load it, validate it against the schema once, hand on typed values.
+
+Every stage calls :func:`load_params` before doing any work. A wrong value or an unknown
+key raises :class:`ParamsError`, whose message names the key, the value and what is
+allowed; the stage entry points turn it into exit code 2 before any output is touched.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_PARAMS = Path("params.yaml")
+EXIT_BAD_PARAMS = 2
+
+DatasetName = Literal["cifar10", "cifar100", "mnist", "fashion_mnist", "imagefolder"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataParams(_Section):
+    """Which dataset to fetch and from where."""
+
+    dataset: DatasetName = "imagefolder"
+    # imagefolder only: a directory or .tar.gz of class folders (train/<class>/*, test/<class>/*)
+    source: str | None = None
+    # a local directory or http(s) URL holding the canonical files, tried before the official host
+    mirror: str | None = None
+    retries: Annotated[int, Field(ge=0, le=20)] = 4
+    timeout_s: Annotated[float, Field(gt=0)] = 60.0
+
+    @model_validator(mode="after")
+    def _source_for_imagefolder(self) -> DataParams:
+        if self.dataset == "imagefolder" and not self.source:
+            raise ValueError(
+                "data.source is required when data.dataset is 'imagefolder': "
+                "set it to a directory or .tar.gz of class folders"
+            )
+        return self
+
+
+class PreprocessParams(_Section):
+    """How raw pixels become network inputs, and which images validate."""
+
+    # pixel_mean: scale to [0, 1] and subtract the training set's per-pixel mean (the book);
+    # channel_standardize: scale to [0, 1], subtract per-channel mean, divide by per-channel std;
+    # scale: scale to [0, 1] only
+    normalization: Literal["pixel_mean", "channel_standardize", "scale"] = "pixel_mean"
+    # test: validate on the test set (the book); holdout: hold out the last images of a
+    # seeded shuffle of the training set (the paper's 45k/5k)
+    validation: Literal["test", "holdout"] = "test"
+    holdout: Annotated[int, Field(ge=1)] = 5000
+    seed: int = 0
+
+
+class ModelParams(_Section):
+    """Which registered network to build, with builder overrides."""
+
+    name: str = "resnet20_v1"
+    # keyword overrides passed to the registered builder (e.g. shortcut, l2)
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        from nets import list_models
+
+        known = list_models()
+        if value not in known:
+            raise ValueError(f"unknown model {value!r}; known models: {', '.join(known)}")
+        return value
+
+
+class PlateauParams(_Section):
+    """ReduceLROnPlateau settings; its reduction composes with the step schedule."""
+
+    monitor: str = "val_loss"
+    factor: Annotated[float, Field(gt=0, lt=1)] = math.sqrt(0.1)
+    patience: Annotated[int, Field(ge=0)] = 5
+    min_lr: Annotated[float, Field(ge=0)] = 0.5e-6
+
+
+class AugmentParams(_Section):
+    """On-device augmentation (Keras preprocessing layers, active in training only)."""
+
+    shift: Annotated[float, Field(ge=0, lt=1)] = 0.1  # fraction of height and width
+    flip: bool = True  # random horizontal flip
+
+
+class TrainParams(_Section):
+    """The training recipe; defaults are the book's Keras recipe."""
+
+    epochs: Annotated[int, Field(ge=1)] = 200
+    batch_size: Annotated[int, Field(ge=1)] = 32
+    optimizer: Literal["adam", "sgd", "rmsprop"] = "adam"
+    learning_rate: Annotated[float, Field(gt=0)] = 1e-3
+    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9  # sgd only
+    nesterov: bool = False  # sgd only
+    # the learning rate is multiplied by gamma[i] once milestones[i] epochs have completed
+    lr_milestones: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [80, 120, 160, 180])
+    lr_gammas: list[Annotated[float, Field(gt=0)]] = Field(default_factory=lambda: [0.1, 0.1, 0.1, 0.5])
+    plateau: PlateauParams | None = Field(default_factory=PlateauParams)
+    checkpoint_monitor: str = "val_accuracy"
+    augment: AugmentParams = Field(default_factory=AugmentParams)
+    seed: int = 42
+
+    @model_validator(mode="after")
+    def _schedule_shape(self) -> TrainParams:
+        if len(self.lr_milestones) != len(self.lr_gammas):
+            raise ValueError(
+                f"train.lr_milestones has {len(self.lr_milestones)} entries but train.lr_gammas has "
+                f"{len(self.lr_gammas)}: give one gamma per milestone"
+            )
+        if list(self.lr_milestones) != sorted(set(self.lr_milestones)):
+            raise ValueError(
+                f"train.lr_milestones = {self.lr_milestones} must be strictly increasing"
+            )
+        return self
+
+
+class EvaluateParams(_Section):
+    batch_size: Annotated[int, Field(ge=1)] = 256
+
+
+class Params(_Section):
+    """The whole of params.yaml."""
+
+    data: DataParams
+    preprocess: PreprocessParams = Field(default_factory=PreprocessParams)
+    model: ModelParams = Field(default_factory=ModelParams)
+    train: TrainParams = Field(default_factory=TrainParams)
+    evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
+
+
+class ParamsError(ValueError):
+    """params.yaml is missing, unreadable, or does not match the schema."""
+
+
+def _format_errors(path: Path, raw: dict[str, Any], error: ValidationError) -> str:
+    lines = [f"{path}: {error.error_count()} invalid setting(s):"]
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key; remove it or check its spelling")
+            continue
+        value = item.get("input")
+        shown = "" if isinstance(value, dict) else f" = {value!r}"
+        lines.append(f"  {key}{shown}: {message}")
+    return "\n".join(lines)
+
+
+def parse_params(raw: dict[str, Any], path: Path = DEFAULT_PARAMS) -> Params:
+    """Validate a parsed params mapping. Raises ParamsError naming each bad key."""
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as error:
+        raise ParamsError(_format_errors(path, raw, error)) from None
+
+
+def load_params(path: str | Path = DEFAULT_PARAMS) -> Params:
+    """Read and validate params.yaml.
+
+    Args:
+        path: the params file.
+
+    Returns:
+        The validated, typed parameters.
+
+    Raises:
+        ParamsError: the file is missing, is not YAML, or does not match the schema.
+    """
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: not found; run from the repository root") from None
+    except yaml.YAMLError as error:
+        raise ParamsError(f"{path}: not valid YAML: {error}") from None
+    return parse_params(raw or {}, path)
+
+
+def load_params_or_exit(path: str | Path = DEFAULT_PARAMS) -> Params:
+    """load_params for stage entry points: print the error and exit 2 on bad params."""
+    try:
+        return load_params(path)
+    except ParamsError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(EXIT_BAD_PARAMS) from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m tasks.config [params.yaml] [--stamp FILE]`: validate, print the resolved params.
+
+    With ``--stamp``, write FILE (fixed content) instead of printing: the pipeline's first stage,
+    which makes ``dvc repro`` stop on bad params before any stage output is removed.
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Validate params.yaml.")
+    parser.add_argument("params", nargs="?", type=Path, default=DEFAULT_PARAMS)
+    parser.add_argument("--stamp", type=Path, help="write this file when the params are valid")
+    args = parser.parse_args(argv)
+    params = load_params_or_exit(args.params)
+    if args.stamp:
+        args.stamp.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.stamp.with_name(args.stamp.name + ".tmp")
+        tmp.write_text(f"{args.params} is valid\n")
+        tmp.replace(args.stamp)
+        print(f"{args.params}: valid")
+    else:
+        print(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,83 @@
+"""params.yaml validation: one clear message per bad key, exit code 2, defaults that validate."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from tasks.config import ParamsError, load_params, parse_params
+from tests.conftest import ROOT
+
+VALID = {"data": {"dataset": "cifar10"}}
+
+
+def test_repository_params_validate():
+    params = load_params(ROOT / "params.yaml")
+    assert params.model.name == "resnet20_v1"
+    assert params.train.lr_milestones == [80, 120, 160, 180]
+
+
+@pytest.mark.parametrize(
+    ("raw", "needles"),
+    [
+        ({"data": {"dataset": "cifar11"}}, ["data.dataset", "'cifar11'", "cifar10", "imagefolder"]),
+        ({"data": {"dataset": "cifar10", "mirorr": "x"}}, ["data.mirorr", "unknown key"]),
+        ({**VALID, "trian": {}}, ["trian", "unknown key"]),
+        ({**VALID, "train": {"epochs": 0}}, ["train.epochs", "= 0", "greater than or equal to 1"]),
+        ({**VALID, "train": {"batch_size": "big"}}, ["train.batch_size", "'big'"]),
+        ({**VALID, "model": {"name": "resnet21_v1"}}, ["model.name", "resnet21_v1", "resnet20_v1"]),
+        ({**VALID, "preprocess": {"validation": "val"}}, ["preprocess.validation", "holdout"]),
+        ({**VALID, "train": {"lr_milestones": [80], "lr_gammas": [0.1, 0.1]}},
+         ["lr_milestones", "lr_gammas", "one gamma per milestone"]),
+        ({**VALID, "train": {"lr_milestones": [120, 80], "lr_gammas": [0.1, 0.1]}},
+         ["strictly increasing"]),
+        ({"data": {"dataset": "imagefolder"}}, ["data.source", "required"]),
+        ({"preprocess": {}}, ["data", "required"]),
+    ],
+)
+def test_bad_values_name_the_key_and_what_is_allowed(raw, needles):
+    with pytest.raises(ParamsError) as error:
+        parse_params(raw)
+    message = str(error.value)
+    for needle in needles:
+        assert needle in message, f"{needle!r} missing from: {message}"
+
+
+def test_every_bad_key_is_reported_at_once():
+    with pytest.raises(ParamsError) as error:
+        parse_params({"data": {"dataset": "x"}, "train": {"epochs": -1, "optimiser": "adam"}})
+    message = str(error.value)
+    assert "3 invalid" in message
+    assert all(key in message for key in ("data.dataset", "train.epochs", "train.optimiser"))
+
+
+def test_command_line_exits_2_and_writes_no_stamp(tmp_path):
+    bad = tmp_path / "params.yaml"
+    bad.write_text(yaml.safe_dump({"data": {"dataset": "cifar10"}, "train": {"epochs": "many"}}))
+    stamp = tmp_path / "ok"
+    result = subprocess.run(
+        [sys.executable, "-m", "tasks.config", str(bad), "--stamp", str(stamp)],
+        cwd=ROOT, capture_output=True, text=True,
+    )
+    assert result.returncode == 2
+    assert "train.epochs = 'many'" in result.stderr
+    assert not stamp.exists()
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ParamsError, match="not found"):
+        load_params(tmp_path / "absent.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("data: [unclosed\n")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_params(broken)
+
+
+def test_validating_params_does_not_import_keras():
+    # every stage validates params first; it must not pay for importing a deep-learning backend
+    code = "import sys, tasks.config as c; c.load_params('params.yaml'); print('keras' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert result.stdout.strip() == "False", result.stderr
