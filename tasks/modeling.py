@@ -1,0 +1,226 @@
+"""Training-time model assembly and callbacks, backend-agnostic (TensorFlow and JAX).
+
+- :func:`build_training_model` wraps a registry net with the input transform (scale, mean
+  subtraction) and on-device augmentation, so the model takes raw uint8 images.
+- :func:`step_lr` and :class:`LearningRateController` implement the book's step schedule and
+  ReduceLROnPlateau as one controller whose two factors compose (the book's pair of callbacks
+  does not: its scheduler overwrites any plateau reduction at the start of every epoch).
+- :class:`BestCheckpoint` keeps the best model by a monitored metric and fails loudly when the
+  metric is not logged (a misspelt key must not silently change what is kept).
+- :class:`LiveLogger` writes per-epoch metrics through DVCLive without importing TensorFlow.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+
+AUGMENT_PREFIX = "augment_"
+
+
+def input_layers(mean: np.ndarray, std: np.ndarray) -> list[keras.layers.Layer]:
+    """Layers mapping raw uint8 pixels to the network's input: x / 255, then (x - mean) / std.
+
+    Args:
+        mean: per-pixel (H, W, C) or per-channel (C,) mean, in [0, 1] units.
+        std: same shape as ``mean``.
+    """
+    mean = np.asarray(mean, np.float32)
+    axis = tuple(range(-mean.ndim, 0)) if mean.ndim > 1 else -1
+    return [
+        keras.layers.Rescaling(1.0 / 255.0, name="scale"),
+        keras.layers.Normalization(
+            axis=axis, mean=mean, variance=np.square(np.asarray(std, np.float32)), name="normalize"
+        ),
+    ]
+
+
+def build_training_model(
+    net: keras.Model,
+    mean: np.ndarray,
+    std: np.ndarray,
+    *,
+    shift: float = 0.0,
+    flip: bool = False,
+    seed: int | None = None,
+) -> keras.Model:
+    """Wrap ``net`` so it takes raw uint8 images and augments them on the device during training.
+
+    The order follows the book: normalise first, then shift (filling with the nearest pixel, as
+    ImageDataGenerator did) and flip the normalised image. Augmentation layers are inactive at
+    inference, and :func:`strip_augmentation` removes them for export.
+    """
+    inputs = keras.Input(shape=net.input_shape[1:], dtype="uint8", name="image")
+    x = inputs
+    for layer in input_layers(mean, std):
+        x = layer(x)
+    if shift > 0:
+        x = keras.layers.RandomTranslation(
+            shift, shift, fill_mode="nearest", seed=seed, name=f"{AUGMENT_PREFIX}shift"
+        )(x)
+    if flip:
+        x = keras.layers.RandomFlip("horizontal", seed=seed, name=f"{AUGMENT_PREFIX}flip")(x)
+    outputs = net(x)
+    return keras.Model(inputs, outputs, name=f"{net.name}_uint8")
+
+
+def strip_augmentation(model: keras.Model) -> keras.Model:
+    """The inference model: the same input transform and net (shared weights), no augmentation."""
+    inputs = keras.Input(shape=model.input_shape[1:], dtype="uint8", name="image")
+    x = inputs
+    for layer in model.layers[1:]:
+        if not layer.name.startswith(AUGMENT_PREFIX):
+            x = layer(x)
+    return keras.Model(inputs, x, name=model.name)
+
+
+def step_lr(epoch: int, base: float, milestones: Sequence[int], gammas: Sequence[float]) -> float:
+    """Learning rate of the step schedule at 0-based ``epoch``.
+
+    ``gammas[i]`` multiplies the rate once ``milestones[i]`` epochs have completed; the book's
+    schedule is base 1e-3, milestones (80, 120, 160, 180), gammas (0.1, 0.1, 0.1, 0.5).
+    """
+    lr = base
+    for milestone, gamma in zip(milestones, gammas, strict=True):
+        if epoch >= milestone:
+            lr *= gamma
+    return lr
+
+
+class LearningRateController(keras.callbacks.Callback):
+    """Step schedule times a plateau factor: lr(epoch) = step_lr(epoch) * plateau_scale.
+
+    The plateau part behaves like ReduceLROnPlateau (factor, patience, cooldown 0, min_lr),
+    but its reduction is kept as a multiplier that survives the step schedule's milestones
+    instead of being overwritten by them. A plateau reduction never takes the rate below
+    ``min_lr``; the step schedule alone may (the book's last step ends at 0.5e-6).
+
+    Its state (:meth:`get_state`) is what a resumed run needs to continue exactly.
+    """
+
+    def __init__(
+        self,
+        base_lr: float,
+        milestones: Sequence[int] = (),
+        gammas: Sequence[float] = (),
+        *,
+        monitor: str | None = "val_loss",
+        factor: float = math.sqrt(0.1),
+        patience: int = 5,
+        min_lr: float = 0.0,
+    ):
+        super().__init__()
+        self.base_lr, self.milestones, self.gammas = base_lr, list(milestones), list(gammas)
+        self.monitor, self.factor, self.patience, self.min_lr = monitor, factor, patience, min_lr
+        self.mode = "max" if monitor and "acc" in monitor else "min"
+        self.plateau_scale = 1.0
+        self.wait = 0
+        self.best: float | None = None
+        self.current_lr = base_lr
+
+    def lr_for(self, epoch: int) -> float:
+        step = step_lr(epoch, self.base_lr, self.milestones, self.gammas)
+        return max(step * self.plateau_scale, min(step, self.min_lr))
+
+    def _set_lr(self, lr: float) -> None:
+        self.current_lr = lr
+        self.model.optimizer.learning_rate.assign(lr)
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self._set_lr(self.lr_for(epoch))
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        logs = logs if logs is not None else {}
+        logs["learning_rate"] = self.current_lr
+        if not self.monitor:
+            return
+        value = require_metric(logs, self.monitor, "train.plateau.monitor")
+        improved = self.best is None or (
+            value > self.best if self.mode == "max" else value < self.best
+        )
+        if improved:
+            self.best, self.wait = value, 0
+            return
+        self.wait += 1
+        if self.wait >= self.patience and self.current_lr > self.min_lr:
+            step = step_lr(epoch, self.base_lr, self.milestones, self.gammas)
+            reduced = max(self.current_lr * self.factor, self.min_lr)
+            self.plateau_scale = reduced / step
+            self.wait = 0
+
+    def get_state(self) -> dict[str, Any]:
+        return {"plateau_scale": self.plateau_scale, "wait": self.wait, "best": self.best}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.plateau_scale, self.wait, self.best = (
+            state["plateau_scale"], state["wait"], state["best"],
+        )
+
+
+def require_metric(logs: dict, key: str, setting: str) -> float:
+    """``logs[key]``, or a ValueError naming the setting and the metrics that were logged."""
+    if key not in logs:
+        raise ValueError(
+            f"{setting} = {key!r} is not a metric this run logs; logged metrics: "
+            f"{', '.join(sorted(logs))}. Set {setting} to one of them."
+        )
+    return float(logs[key])
+
+
+class BestCheckpoint(keras.callbacks.Callback):
+    """Save the model whenever ``monitor`` improves; raise if ``monitor`` is never logged."""
+
+    def __init__(self, path: Path, monitor: str = "val_accuracy", setting: str = "monitor"):
+        super().__init__()
+        self.path, self.monitor, self.setting = Path(path), monitor, setting
+        self.mode = "max" if "acc" in monitor else "min"
+        self.best: float | None = None
+        self.best_epoch: int | None = None
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        value = require_metric(logs or {}, self.monitor, self.setting)
+        if not math.isfinite(value):
+            return
+        if self.best is None or (value > self.best if self.mode == "max" else value < self.best):
+            self.best, self.best_epoch = value, epoch
+            self.model.save(self.path)
+
+    def get_state(self) -> dict[str, Any]:
+        return {"best": self.best, "best_epoch": self.best_epoch}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.best, self.best_epoch = state["best"], state["best_epoch"]
+
+
+class LiveLogger(keras.callbacks.Callback):
+    """Log every epoch's metrics through a ``dvclive.Live`` (no TensorFlow import needed)."""
+
+    def __init__(self, live):
+        super().__init__()
+        self.live = live
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        for name, value in (logs or {}).items():
+            self.live.log_metric(name, float(value))
+        self.live.next_step()
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+class StopOnNonFinite(keras.callbacks.Callback):
+    """Raise as soon as a batch loss is NaN or infinite (Keras' TerminateOnNaN only stops quietly)."""
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            raise NonFiniteLossError(
+                f"the training loss became {float(loss)} at batch {batch}; lower "
+                "train.learning_rate or check the input data"
+            )
