@@ -85,12 +85,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     params = load_params_or_exit(args.params)
 
-    import keras
-
+    from tasks.modeling import load_model
     from tasks.preprocess import load_prepared
 
     prepared = load_prepared(args.data)
-    model = keras.saving.load_model(args.model)
+    model = load_model(args.model)
     probs = np.asarray(
         model.predict(prepared.x_test, batch_size=params.evaluate.batch_size, verbose=0)
     )

@@ -57,9 +57,9 @@ def export(model_path: Path, images: np.ndarray, out: Path) -> dict:
     """
     import keras
 
-    from tasks.modeling import strip_augmentation
+    from tasks.modeling import load_model, strip_augmentation
 
-    trained = keras.saving.load_model(model_path)
+    trained = load_model(model_path)
     inference = strip_augmentation(trained)
     reference = np.asarray(trained.predict(images, verbose=0))
     record = {"images": int(len(images)), "tolerance": TOLERANCE, "input_dtype": "uint8"}

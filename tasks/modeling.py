@@ -21,6 +21,16 @@ import keras
 import numpy as np
 
 AUGMENT_PREFIX = "augment_"
+# Keras walks a functional graph recursively, one frame per layer; ResNet-1202 needs ~9,000.
+RECURSION_LIMIT = 20_000
+
+
+def load_model(path: Path) -> keras.Model:
+    """Load a saved model, deep ones (thousands of layers) included."""
+    import sys
+
+    sys.setrecursionlimit(max(sys.getrecursionlimit(), RECURSION_LIMIT))
+    return keras.saving.load_model(path)
 
 
 def input_layers(mean: np.ndarray, std: np.ndarray) -> list[keras.layers.Layer]:
@@ -71,6 +81,9 @@ def build_training_model(
 
 def strip_augmentation(model: keras.Model) -> keras.Model:
     """The inference model: the same input transform and net (shared weights), no augmentation."""
+    import sys
+
+    sys.setrecursionlimit(max(sys.getrecursionlimit(), RECURSION_LIMIT))
     inputs = keras.Input(shape=model.input_shape[1:], dtype="uint8", name="image")
     x = inputs
     for layer in model.layers[1:]:

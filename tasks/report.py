@@ -33,13 +33,15 @@ def render(evaluation: dict, run: dict, check: dict, paths: dict[str, str]) -> s
         "| source | CIFAR-10 test accuracy (%) | ours minus it (points) |",
         "| --- | --- | --- |",
     ]
+    comparable = data["dataset"] == "cifar10"
     for label, key in (("the book (Keras, Adam)", "book"), ("the paper", "paper")):
         value = refs.get(key)
-        lines.append(
-            f"| {label} | {value:.2f} | {accuracy - value:+.2f} |"
-            if value is not None else f"| {label} | not reported | |"
-        )
-    if data["dataset"] != "cifar10" or params["train"]["epochs"] < 200:
+        if value is None:
+            lines.append(f"| {label} | not reported | |")
+        else:
+            difference = f"{accuracy - value:+.2f}" if comparable else "n/a (other data)"
+            lines.append(f"| {label} | {value:.2f} | {difference} |")
+    if not comparable or params["train"]["epochs"] < 200:
         lines += [
             "",
             "The published numbers are for the full CIFAR-10 set (pickled, lossless) after 200 "

@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {error}", file=sys.stderr)
             raise SystemExit(1) from None
         elapsed = time.perf_counter() - started
-        live.summary["best_epoch"] = checkpoint.best_epoch
+        live.summary["best_epoch"] = checkpoint.best_epoch + 1  # 1-based, as Keras prints
         live.summary[f"best_{checkpoint.monitor}"] = checkpoint.best
         live.summary["seconds"] = round(elapsed, 2)
         live.end()
