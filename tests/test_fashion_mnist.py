@@ -92,3 +92,46 @@ def test_upstream_files_are_accepted_too(tmp_path: Path, debian_dir: Path) -> No
     assert manifest["files"] == {f.name: f.also_sha256[0] for f in spec.files}
     splits = read_raw(out)
     assert splits.x_train.shape == (60000, 28, 28, 1) and splits.x_test.shape == (10000, 28, 28, 1)
+
+
+def test_real_fashion_mnist_through_the_download_and_preprocess_stages(
+    tmp_path: Path, debian_dir: Path
+) -> None:
+    import subprocess
+    import sys
+
+    import yaml
+
+    from tests.conftest import ROOT, stage_environment
+
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({
+        "data": {"dataset": "fashion_mnist", "mirror": str(debian_dir), "retries": 0},
+        "preprocess": {"normalization": "pixel_mean", "validation": "holdout", "holdout": 5000},
+    }))
+    for stage, args in (
+        ("tasks.download", ["--out", str(tmp_path / "raw"), "--no-progress"]),
+        ("tasks.preprocess", ["--raw", str(tmp_path / "raw"), "--out", str(tmp_path / "prep")]),
+    ):
+        result = subprocess.run(
+            [sys.executable, "-m", stage, *args, "--params", str(params)],
+            cwd=ROOT, env=stage_environment(), capture_output=True, text=True,
+        )
+        assert result.returncode == 0, result.stderr
+
+    stats = json.loads((tmp_path / "prep" / "stats.json").read_text())
+    assert stats["sizes"] == {"x_train": 55000, "x_val": 5000, "x_test": 10000}
+    assert stats["image_shape"] == [28, 28, 1] and stats["class_names"] == list(
+        FASHION_MNIST_CLASSES
+    )
+    with np.load(tmp_path / "prep" / "data.npz") as data, np.load(
+        tmp_path / "prep" / "stats.npz"
+    ) as moments:
+        assert data["x_train"].dtype == np.uint8
+        # holdout and training images are disjoint parts of the 60,000
+        assert len(data["y_train"]) + len(data["y_val"]) == 60000
+        mean = moments["mean"]
+        assert mean.shape == (28, 28, 1)
+        np.testing.assert_allclose(mean, data["x_train"].mean(axis=0) / 255.0, atol=1e-6)
+    # Fashion-MNIST's border pixels are mostly black, its centre bright
+    assert mean[0, 0, 0] < 0.01 < 0.3 < mean[14, 14, 0]
