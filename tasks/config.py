@@ -90,37 +90,76 @@ class PlateauParams(_Section):
 class AugmentParams(_Section):
     """On-device augmentation (Keras preprocessing layers, active in training only)."""
 
-    shift: Annotated[float, Field(ge=0, lt=1)] = 0.1  # fraction of height and width
+    shift: Annotated[float, Field(ge=0, lt=1)] = 0.1  # random shift, fraction of height and width
     flip: bool = True  # random horizontal flip
+    # the paper's pad-and-crop: a random shift of up to this many pixels, filled with zeros
+    # (the mean, after normalisation); 0 turns it off
+    crop_pad: Annotated[int, Field(ge=0)] = 0
+
+
+class OneCycleParams(_Section):
+    """The one-cycle policy (fastai): warm up to lr_max, then cosine-anneal; momentum mirrors it."""
+
+    lr_max: Annotated[float, Field(gt=0)] = 1e-2
+    div: Annotated[float, Field(gt=1)] = 25.0  # starting rate is lr_max / div
+    div_final: Annotated[float, Field(gt=1)] = 1e5  # final rate is lr_max / div_final
+    pct_start: Annotated[float, Field(gt=0, lt=1)] = 0.25  # share of steps spent warming up
+    moms: tuple[float, float, float] = (0.95, 0.85, 0.95)
 
 
 class TrainParams(_Section):
-    """The training recipe; defaults are the book's Keras recipe."""
+    """The training recipe, resolved: a preset from ``recipes`` with the keys set in ``train``."""
 
+    recipe: str = "book"
     epochs: Annotated[int, Field(ge=1)] = 200
     batch_size: Annotated[int, Field(ge=1)] = 32
     optimizer: Literal["adam", "sgd", "rmsprop"] = "adam"
     learning_rate: Annotated[float, Field(gt=0)] = 1e-3
     momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9  # sgd only
     nesterov: bool = False  # sgd only
-    # the learning rate is multiplied by gamma[i] once milestones[i] epochs have completed
-    lr_milestones: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [80, 120, 160, 180])
-    lr_gammas: list[Annotated[float, Field(gt=0)]] = Field(default_factory=lambda: [0.1, 0.1, 0.1, 0.5])
-    plateau: PlateauParams | None = Field(default_factory=PlateauParams)
+    schedule: Literal["step", "one_cycle"] = "step"
+    # step schedule: the rate is multiplied by lr_gammas[i] once lr_milestones[i] epochs have
+    # completed; lr_milestone_fractions gives the milestones as fractions of train.epochs instead
+    lr_milestones: list[Annotated[int, Field(ge=1)]] = Field(default_factory=list)
+    lr_milestone_fractions: list[Annotated[float, Field(gt=0, lt=1)]] = Field(default_factory=list)
+    lr_gammas: list[Annotated[float, Field(gt=0)]] = Field(default_factory=list)
+    warmup_epochs: Annotated[int, Field(ge=0)] = 0  # the paper's ResNet-110 warm-up
+    warmup_lr: Annotated[float, Field(gt=0)] = 0.01
+    one_cycle: OneCycleParams = Field(default_factory=OneCycleParams)
+    plateau: PlateauParams | None = None
     checkpoint_monitor: str = "val_accuracy"
     augment: AugmentParams = Field(default_factory=AugmentParams)
+    # overrides preprocess.normalization for this recipe (the book trains DenseNet on [0, 1] pixels)
+    normalization: Literal["pixel_mean", "channel_standardize", "scale"] | None = None
+    # builder arguments the recipe sets (e.g. the paper's l2); model.options still wins
+    model_options: dict[str, Any] = Field(default_factory=dict)
+    activation_stats: bool = False  # record per-layer activation statistics and plot them
     seed: int = 42
+
+    def milestones(self) -> list[int]:
+        """Step-schedule milestones in completed epochs."""
+        if self.lr_milestone_fractions:
+            return [max(1, round(f * self.epochs)) for f in self.lr_milestone_fractions]
+        return list(self.lr_milestones)
 
     @model_validator(mode="after")
     def _schedule_shape(self) -> TrainParams:
-        if len(self.lr_milestones) != len(self.lr_gammas):
+        if self.lr_milestones and self.lr_milestone_fractions:
             raise ValueError(
-                f"train.lr_milestones has {len(self.lr_milestones)} entries but train.lr_gammas has "
+                "train.lr_milestones and train.lr_milestone_fractions are both set: use one"
+            )
+        given = self.lr_milestones or self.lr_milestone_fractions
+        if len(given) != len(self.lr_gammas):
+            raise ValueError(
+                f"the step schedule has {len(given)} milestone(s) but train.lr_gammas has "
                 f"{len(self.lr_gammas)}: give one gamma per milestone"
             )
-        if list(self.lr_milestones) != sorted(set(self.lr_milestones)):
+        if list(given) != sorted(set(given)):
+            raise ValueError(f"the milestones {list(given)} must be strictly increasing")
+        if self.schedule == "one_cycle" and self.plateau is not None:
             raise ValueError(
-                f"train.lr_milestones = {self.lr_milestones} must be strictly increasing"
+                "train.plateau must be null with train.schedule: one_cycle (the one-cycle "
+                "policy sets every step's rate itself)"
             )
         return self
 
@@ -135,6 +174,8 @@ class Params(_Section):
     data: DataParams
     preprocess: PreprocessParams = Field(default_factory=PreprocessParams)
     model: ModelParams = Field(default_factory=ModelParams)
+    # named presets for train: {name: {train keys..., per_model: {model name: {train keys}}}}
+    recipes: dict[str, dict[str, Any]] = Field(default_factory=dict)
     train: TrainParams = Field(default_factory=TrainParams)
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
 
@@ -157,12 +198,44 @@ def _format_errors(path: Path, raw: dict[str, Any], error: ValidationError) -> s
     return "\n".join(lines)
 
 
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """Recursive dict update: nested mappings merge, anything else replaces."""
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def resolve_recipe(raw: dict[str, Any], path: Path = DEFAULT_PARAMS) -> dict[str, Any]:
+    """params with ``train`` resolved: recipe preset, then its per-model part, then ``train`` keys."""
+    train = raw.get("train") or {}
+    recipes = raw.get("recipes") or {}
+    if not isinstance(train, dict) or not isinstance(recipes, dict):
+        return raw  # the schema reports the wrong type
+    name = train.get("recipe")
+    if name is None:
+        return raw
+    if name not in recipes:
+        raise ParamsError(
+            f"{path}: train.recipe = {name!r} is not defined under recipes; defined: "
+            f"{', '.join(sorted(recipes)) or 'none'}"
+        )
+    preset = dict(recipes[name] or {})
+    per_model = preset.pop("per_model", None) or {}
+    model_name = (raw.get("model") or {}).get("name", ModelParams().name)
+    resolved = _merge(_merge(preset, per_model.get(model_name) or {}), train)
+    return {**raw, "train": resolved}
+
+
 def parse_params(raw: dict[str, Any], path: Path = DEFAULT_PARAMS) -> Params:
     """Validate a parsed params mapping. Raises ParamsError naming each bad key."""
     if not isinstance(raw, dict):
         raise ParamsError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
     try:
-        return Params.model_validate(raw)
+        return Params.model_validate(resolve_recipe(raw, path))
     except ValidationError as error:
         raise ParamsError(_format_errors(path, raw, error)) from None
 

@@ -57,6 +57,7 @@ def build_training_model(
     *,
     shift: float = 0.0,
     flip: bool = False,
+    crop_pad: int = 0,
     seed: int | None = None,
 ) -> keras.Model:
     """Wrap ``net`` so it takes raw uint8 images and augments them on the device during training.
@@ -72,6 +73,14 @@ def build_training_model(
     if shift > 0:
         x = keras.layers.RandomTranslation(
             shift, shift, fill_mode="nearest", seed=seed, name=f"{AUGMENT_PREFIX}shift"
+        )(x)
+    if crop_pad > 0:
+        # the paper's "pad by 4, take a random 32x32 crop": a whole-pixel shift of up to crop_pad
+        # pixels with zero fill, zero being the mean once normalised
+        height, width = net.input_shape[1:3]
+        x = keras.layers.RandomTranslation(
+            crop_pad / height, crop_pad / width, fill_mode="constant", fill_value=0.0,
+            interpolation="nearest", seed=seed, name=f"{AUGMENT_PREFIX}crop",
         )(x)
     if flip:
         x = keras.layers.RandomFlip("horizontal", seed=seed, name=f"{AUGMENT_PREFIX}flip")(x)
@@ -126,9 +135,12 @@ class LearningRateController(keras.callbacks.Callback):
         factor: float = math.sqrt(0.1),
         patience: int = 5,
         min_lr: float = 0.0,
+        warmup_epochs: int = 0,
+        warmup_lr: float | None = None,
     ):
         super().__init__()
         self.base_lr, self.milestones, self.gammas = base_lr, list(milestones), list(gammas)
+        self.warmup_epochs, self.warmup_lr = warmup_epochs, warmup_lr
         self.monitor, self.factor, self.patience, self.min_lr = monitor, factor, patience, min_lr
         self.mode = "max" if monitor and "acc" in monitor else "min"
         self.plateau_scale = 1.0
@@ -137,6 +149,8 @@ class LearningRateController(keras.callbacks.Callback):
         self.current_lr = base_lr
 
     def lr_for(self, epoch: int) -> float:
+        if epoch < self.warmup_epochs and self.warmup_lr is not None:
+            return self.warmup_lr  # the paper's ResNet-110 starts at 0.01 to get going
         step = step_lr(epoch, self.base_lr, self.milestones, self.gammas)
         return max(step * self.plateau_scale, min(step, self.min_lr))
 

@@ -103,6 +103,7 @@ def train(params: Params, prepared, model_path: Path, live=None, verbose: int | 
         StopOnNonFinite,
         build_training_model,
     )
+    from tasks.preprocess import input_statistics
 
     cfg = params.train
     keras.utils.set_random_seed(cfg.seed)
@@ -110,11 +111,14 @@ def train(params: Params, prepared, model_path: Path, live=None, verbose: int | 
         params.model.name,
         input_shape=tuple(prepared.x_train.shape[1:]),
         num_classes=len(prepared.class_names),
-        **params.model.options,
+        **{**cfg.model_options, **params.model.options},
     )
+    mean, std = prepared.mean, prepared.std
+    if cfg.normalization and cfg.normalization != prepared.normalization:
+        mean, std = input_statistics(prepared.x_train, cfg.normalization)
     model = build_training_model(
-        net, prepared.mean, prepared.std,
-        shift=cfg.augment.shift, flip=cfg.augment.flip, seed=cfg.seed,
+        net, mean, std, shift=cfg.augment.shift, flip=cfg.augment.flip,
+        crop_pad=cfg.augment.crop_pad, seed=cfg.seed,
     )
     model.compile(
         optimizer=make_optimizer(cfg),
@@ -123,11 +127,12 @@ def train(params: Params, prepared, model_path: Path, live=None, verbose: int | 
     )
     plateau = cfg.plateau
     controller = LearningRateController(
-        cfg.learning_rate, cfg.lr_milestones, cfg.lr_gammas,
+        cfg.learning_rate, cfg.milestones(), cfg.lr_gammas,
         monitor=plateau.monitor if plateau else None,
         factor=plateau.factor if plateau else 1.0,
         patience=plateau.patience if plateau else 0,
         min_lr=plateau.min_lr if plateau else 0.0,
+        warmup_epochs=cfg.warmup_epochs, warmup_lr=cfg.warmup_lr,
     )
     checkpoint = BestCheckpoint(model_path, cfg.checkpoint_monitor, "train.checkpoint_monitor")
     callbacks = [controller, checkpoint, StopOnNonFinite()]

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -27,3 +30,38 @@ def stage_environment() -> dict[str, str]:
 @pytest.fixture
 def stage_env() -> dict[str, str]:
     return stage_environment()
+
+
+def run(cmd: list[str], cwd: Path, env: dict, check: bool = True) -> subprocess.CompletedProcess:
+    """Run a command, failing with its output when ``check`` and it exits non-zero."""
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=3600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def set_params(repo: Path, updates: dict[str, object]) -> None:
+    """Set dotted keys (``"train.epochs"``) in ``repo``'s params.yaml."""
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    for dotted, value in updates.items():
+        *parents, key = dotted.split(".")
+        node = params
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[key] = value
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def scratch_repo(path: Path, env: dict, params: dict[str, object]) -> Path:
+    """A git repository at ``path`` holding this checkout's files with ``params`` applied."""
+    files = run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], ROOT, env)
+    for name in files.stdout.splitlines():
+        source = ROOT / name
+        if source.is_file():
+            (path / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, path / name)
+    set_params(path, params)
+    run(["git", "init", "-q"], path, env)
+    run(["git", "add", "-A"], path, env)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "scratch"], path, env)
+    return path

@@ -31,7 +31,7 @@ def test_repository_params_validate():
         ({**VALID, "model": {"name": "resnet21_v1"}}, ["model.name", "resnet21_v1", "resnet20_v1"]),
         ({**VALID, "preprocess": {"validation": "val"}}, ["preprocess.validation", "holdout"]),
         ({**VALID, "train": {"lr_milestones": [80], "lr_gammas": [0.1, 0.1]}},
-         ["lr_milestones", "lr_gammas", "one gamma per milestone"]),
+         ["1 milestone", "lr_gammas has 2", "one gamma per milestone"]),
         ({**VALID, "train": {"lr_milestones": [120, 80], "lr_gammas": [0.1, 0.1]}},
          ["strictly increasing"]),
         ({"data": {"dataset": "imagefolder"}}, ["data.source", "required"]),
@@ -81,3 +81,48 @@ def test_validating_params_does_not_import_keras():
     code = "import sys, tasks.config as c; c.load_params('params.yaml'); print('keras' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert result.stdout.strip() == "False", result.stderr
+
+
+def _with_recipes(train: dict, model: str = "resnet20_v1") -> dict:
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["train"] = train
+    raw["model"] = {"name": model}
+    return raw
+
+
+def test_book_recipe_resolves_with_train_keys_winning():
+    params = parse_params(_with_recipes({"recipe": "book", "epochs": 7}))
+    assert params.train.epochs == 7  # set under train
+    assert params.train.optimizer == "adam" and params.train.batch_size == 32  # from the recipe
+    assert params.train.milestones() == [80, 120, 160, 180]
+    assert params.train.plateau is not None and params.train.plateau.patience == 5
+
+
+def test_paper_recipe_milestones_are_fractions_of_training():
+    params = parse_params(_with_recipes({"recipe": "paper", "epochs": 8}))
+    assert params.train.optimizer == "sgd" and params.train.learning_rate == 0.1
+    assert params.train.milestones() == [4, 6]
+    assert params.train.augment.crop_pad == 4 and params.train.augment.shift == 0.0
+    assert params.train.model_options == {"l2": 5e-5}
+    assert params.train.warmup_epochs == 0
+
+
+def test_per_model_part_of_a_recipe_applies_to_that_model_only():
+    warm = parse_params(_with_recipes({"recipe": "paper"}, model="resnet110_v1"))
+    assert (warm.train.warmup_epochs, warm.train.warmup_lr) == (1, 0.01)
+    cold = parse_params(_with_recipes({"recipe": "paper"}, model="resnet56_v1"))
+    assert cold.train.warmup_epochs == 0
+
+
+def test_one_cycle_recipe_and_its_constraint():
+    params = parse_params(_with_recipes({"recipe": "one_cycle"}))
+    assert params.train.schedule == "one_cycle" and params.train.one_cycle.lr_max == 0.06
+    with pytest.raises(ParamsError, match="plateau must be null"):
+        parse_params(_with_recipes({"recipe": "one_cycle", "plateau": {"patience": 3}}))
+
+
+def test_unknown_recipe_lists_the_defined_ones():
+    with pytest.raises(ParamsError) as error:
+        parse_params(_with_recipes({"recipe": "fast"}))
+    assert "train.recipe = 'fast'" in str(error.value)
+    assert "book, one_cycle, paper" in str(error.value)

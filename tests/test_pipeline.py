@@ -8,36 +8,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
-from tests.conftest import ROOT, stage_environment
+from tests.conftest import run, scratch_repo, set_params, stage_environment
 
 STAGES = ["check-params", "download", "preprocess", "train", "evaluate", "export", "report"]
 
 
-def _run(cmd: list[str], cwd: Path, env: dict, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{cmd} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
-    return result
-
-
 def _ran_stages(output: str) -> list[str]:
     return [stage for stage in STAGES if f"Running stage '{stage}'" in output]
-
-
-def _set_params(repo: Path, **updates: object) -> None:
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    for dotted, value in updates.items():
-        section, key = dotted.split("__")
-        params[section][key] = value
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
 def _tree_digest(path: Path) -> str:
@@ -56,18 +38,8 @@ def env() -> dict[str, str]:
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory, env) -> Path:
     """A git + DVC copy of this repository that has run the pipeline once (1 epoch)."""
-    repo = tmp_path_factory.mktemp("pipeline") / "repo"
-    files = _run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], ROOT, env)
-    for name in files.stdout.splitlines():
-        source = ROOT / name
-        if source.is_file():
-            (repo / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, repo / name)
-    _set_params(repo, train__epochs=1)
-    _run(["git", "init", "-q"], repo, env)
-    _run(["git", "add", "-A"], repo, env)
-    _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"], repo, env)
-    result = _run(["dvc", "repro"], repo, env)
+    repo = scratch_repo(tmp_path_factory.mktemp("pipeline") / "repo", env, {"train.epochs": 1})
+    result = run(["dvc", "repro"], repo, env)
     assert _ran_stages(result.stdout) == STAGES, result.stdout
     return repo
 
@@ -78,20 +50,20 @@ def test_first_run_writes_every_output(repo):
                  "plots/confusion.csv", "plots/confusion.png", "export/model.keras",
                  "export/saved_model/saved_model.pb", "export/check.json", "reports/summary.md"]:
         assert (repo / path).exists(), path
-    run = json.loads((repo / "models/params.json").read_text())
-    assert run["params"]["train"]["epochs"] == 1
-    assert run["git_commit"]
+    run_info = json.loads((repo / "models/params.json").read_text())
+    assert run_info["params"]["train"]["epochs"] == 1
+    assert run_info["git_commit"]
 
 
 def test_noop_repro_does_no_work(repo, env):
     # how long it takes is measured by benchmarks/pipeline.py, not asserted here
-    result = _run(["dvc", "repro"], repo, env)
+    result = run(["dvc", "repro"], repo, env)
     assert _ran_stages(result.stdout) == [], result.stdout
     assert "didn't change, skipping" in result.stdout
 
 
 def test_dvc_reads_the_metrics(repo, env):
-    shown = json.loads(_run(["dvc", "metrics", "show", "--json"], repo, env).stdout)
+    shown = json.loads(run(["dvc", "metrics", "show", "--json"], repo, env).stdout)
     text = json.dumps(shown)
     assert "test" in text and "accuracy" in text
     evaluation = json.loads((repo / "metrics/evaluate.json").read_text())
@@ -120,8 +92,8 @@ def test_bad_params_stop_repro_before_any_output_is_touched(repo, env):
     before = _tree_digest(repo / "models")
     original = (repo / "params.yaml").read_text()
     try:
-        _set_params(repo, train__epochs=0, train__optimiser="adam")
-        result = _run(["dvc", "repro"], repo, env, check=False)
+        set_params(repo, {"train.epochs": 0, "train.optimiser": "adam"})
+        result = run(["dvc", "repro"], repo, env, check=False)
     finally:
         (repo / "params.yaml").write_text(original)
     assert result.returncode != 0
@@ -132,8 +104,8 @@ def test_bad_params_stop_repro_before_any_output_is_touched(repo, env):
 
 
 def test_a_training_param_reruns_only_train_and_what_follows(repo, env):
-    _set_params(repo, train__batch_size=64)
-    result = _run(["dvc", "repro"], repo, env)
+    set_params(repo, {"train.batch_size": 64})
+    result = run(["dvc", "repro"], repo, env)
     assert _ran_stages(result.stdout) == ["check-params", "train", "evaluate", "export", "report"]
-    run = json.loads((repo / "models/params.json").read_text())
-    assert run["params"]["train"]["batch_size"] == 64
+    run_info = json.loads((repo / "models/params.json").read_text())
+    assert run_info["params"]["train"]["batch_size"] == 64

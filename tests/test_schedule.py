@@ -106,3 +106,8 @@ def test_non_finite_loss_raises():
     with pytest.raises(NonFiniteLossError, match="learning_rate"):
         model.fit(x, np.zeros((4, 1)), epochs=1, verbose=0, callbacks=[StopOnNonFinite()])
     assert math.isnan(float(np.asarray(model.predict(x, verbose=0))[0, 0]))
+
+
+def test_warmup_then_step_schedule():
+    controller = LearningRateController(0.1, [2], [0.1], warmup_epochs=1, warmup_lr=0.01)
+    assert [controller.lr_for(e) for e in range(4)] == pytest.approx([0.01, 0.1, 0.01, 0.01])
