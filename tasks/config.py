@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 DEFAULT_PARAMS = Path("params.yaml")
 EXIT_BAD_PARAMS = 2
 
-DatasetName = Literal["cifar10", "cifar100", "mnist", "fashion_mnist", "imagefolder"]
+DatasetName = Literal["cifar10", "cifar100", "mnist", "fashion_mnist", "imagefolder", "signs"]
 
 
 class _Section(BaseModel):
@@ -29,7 +29,8 @@ class DataParams(_Section):
     """Which dataset to fetch and from where."""
 
     dataset: DatasetName = "imagefolder"
-    # imagefolder only: a directory or .tar.gz of class folders (train/<class>/*, test/<class>/*)
+    # imagefolder: a directory or .tar.gz of class folders (train/<class>/*, test/<class>/*);
+    # signs: the directory holding train_signs.h5 and test_signs.h5
     source: str | None = None
     # a local directory or http(s) URL holding the canonical files, tried before the official host
     mirror: str | None = None
@@ -37,11 +38,15 @@ class DataParams(_Section):
     timeout_s: Annotated[float, Field(gt=0)] = 60.0
 
     @model_validator(mode="after")
-    def _source_for_imagefolder(self) -> DataParams:
-        if self.dataset == "imagefolder" and not self.source:
+    def _source_for_local_datasets(self) -> DataParams:
+        needs = {
+            "imagefolder": "a directory or .tar.gz of class folders",
+            "signs": "the directory holding train_signs.h5 and test_signs.h5",
+        }
+        if self.dataset in needs and not self.source:
             raise ValueError(
-                "data.source is required when data.dataset is 'imagefolder': "
-                "set it to a directory or .tar.gz of class folders"
+                f"data.source is required when data.dataset is {self.dataset!r}: "
+                f"set it to {needs[self.dataset]}"
             )
         return self
 

@@ -8,6 +8,8 @@
 - ``idx``: the four MNIST-format IDX ``.gz`` files under ``files/``.
 - ``imagefolder``: one tar (optionally compressed) of ``train/<class>/<image>`` and
   ``test/<class>/<image>`` under ``files/``, decoded with PIL straight out of the tar.
+- ``signs``: the hand-sign set's ``train_signs.h5`` and ``test_signs.h5`` under ``files/``,
+  read with h5py (plain numeric datasets only: HDF5 holds no code to run).
 """
 
 from __future__ import annotations
@@ -189,7 +191,7 @@ DATASETS: dict[str, DatasetSpec] = {
 }
 
 MANIFEST = "manifest.json"
-KINDS = ("cifar", "idx", "imagefolder")
+KINDS = ("cifar", "idx", "imagefolder", "signs")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 _PIL_FORMATS = ("JPEG", "PNG", "BMP")
 
@@ -201,6 +203,14 @@ IDX_FILES = {
     "test_images": "t10k-images-idx3-ubyte",
     "test_labels": "t10k-labels-idx1-ubyte",
 }
+
+# the hand-sign ("SIGNS") set of the deep-learning course's ResNet50 tutorial:
+# split -> (file, images dataset, labels dataset); both files also hold list_classes
+SIGNS_FILES = {
+    "train": ("train_signs.h5", "train_set_x", "train_set_y"),
+    "test": ("test_signs.h5", "test_set_x", "test_set_y"),
+}
+SIGNS_CLASSES_KEY = "list_classes"
 
 
 @dataclass(frozen=True)
@@ -294,6 +304,8 @@ def read_raw(raw_dir: Path) -> Splits:
             spec = DATASETS.get(manifest.get("dataset", ""))
             names = list(spec.class_names) if spec else [str(i) for i in range(10)]
         return read_idx_dir(raw_dir / "files", list(names))
+    if kind == "signs":
+        return read_signs(raw_dir / "files")
     archive = manifest.get("archive") or _only_file(manifest, raw_dir)
     return read_imagefolder(raw_dir / "files" / archive)
 
@@ -624,3 +636,135 @@ def _allocate(count: int, size: tuple[int, int], mode: str) -> np.ndarray:
     """An uninitialised (count, H, W, C) uint8 array for images of PIL size and mode."""
     width, height = size
     return np.empty((count, height, width, 1 if mode == "L" else 3), dtype=np.uint8)
+
+
+# --- SIGNS (HDF5) --------------------------------------------------------------------------
+
+
+def _h5_dataset(file: Any, key: str, path: Path) -> Any:
+    """The HDF5 dataset ``key`` of an open file, or DatasetFormatError naming key and file."""
+    import h5py
+
+    link = file.get(key, getlink=True)
+    if link is not None and not isinstance(link, h5py.HardLink):
+        # an external or soft link would make h5py open another file or path
+        raise DatasetFormatError(
+            f"{path}: {key!r} is a link ({type(link).__name__}), not a dataset stored in the "
+            "file itself; use the original file from the hand-sign set"
+        )
+    node = file.get(key)
+    if node is None:
+        present = ", ".join(sorted(file.keys())) or "none"
+        raise DatasetFormatError(
+            f"{path}: no dataset {key!r} (it holds: {present}); a SIGNS file needs "
+            f"{key!r}, so use the original {path.name} from the hand-sign set"
+        )
+    if not isinstance(node, h5py.Dataset):
+        raise DatasetFormatError(f"{path}: {key!r} is a {type(node).__name__}, not a dataset")
+    return node
+
+
+def _h5_integers(file: Any, key: str, path: Path, ndim: int) -> np.ndarray:
+    """Read an integer dataset of ``ndim`` dimensions, checking its type before reading it."""
+    dataset = _h5_dataset(file, key, path)
+    if dataset.dtype.kind not in "iu" or dataset.ndim != ndim:
+        raise DatasetFormatError(
+            f"{path}: {key!r} must be a {ndim}-D integer array, got dtype {dataset.dtype} with "
+            f"shape {dataset.shape}"
+        )
+    return np.asarray(dataset[()])
+
+
+def _read_signs_file(path: Path, images_key: str, labels_key: str) -> tuple[np.ndarray, ...]:
+    """Images (N, H, W, C) uint8, label values (N,) and class values (K,) of one SIGNS file."""
+    import h5py
+
+    if not path.is_file():
+        raise DatasetFormatError(
+            f"{path} not found: a signs dataset needs train_signs.h5 and test_signs.h5; run the "
+            "download stage with data.source set to the directory holding them"
+        )
+    try:
+        # read-only and without HDF5 file locking: the file may sit in a read-only DVC cache
+        with h5py.File(path, "r", locking=False) as file:
+            images = _h5_integers(file, images_key, path, 4)
+            labels = _h5_integers(file, labels_key, path, 1)
+            classes = _h5_integers(file, SIGNS_CLASSES_KEY, path, 1)
+    except OSError as error:
+        raise DatasetFormatError(f"{path}: not a readable HDF5 file: {error}") from None
+    if images.shape[-1] not in (1, 3):
+        raise DatasetFormatError(
+            f"{path}: {images_key!r} has shape {images.shape}; expected (N, H, W, C) with 1 or 3 "
+            "channels last"
+        )
+    if images.dtype != np.uint8:
+        if images.size and (images.min() < 0 or images.max() > 255):
+            raise DatasetFormatError(
+                f"{path}: {images_key!r} ({images.dtype}) has values in "
+                f"[{images.min()}, {images.max()}]; pixels must be 0..255"
+            )
+        images = images.astype(np.uint8)
+    if len(labels) != len(images):
+        raise DatasetFormatError(
+            f"{path}: {labels_key!r} has {len(labels)} labels but {images_key!r} has "
+            f"{len(images)} images"
+        )
+    if classes.size == 0 or len(np.unique(classes)) != classes.size:
+        raise DatasetFormatError(
+            f"{path}: {SIGNS_CLASSES_KEY!r} must list distinct class values, got {classes.tolist()}"
+        )
+    unknown = np.setdiff1d(labels, classes)
+    if unknown.size:
+        raise DatasetFormatError(
+            f"{path}: {labels_key!r} holds values {unknown[:10].tolist()} that are not in "
+            f"{SIGNS_CLASSES_KEY!r} {classes.tolist()}"
+        )
+    return np.ascontiguousarray(images), labels.astype(np.int64), classes.astype(np.int64)
+
+
+def read_signs(files_dir: Path) -> Splits:
+    """Read the hand-sign set's ``train_signs.h5`` and ``test_signs.h5`` from a directory.
+
+    Each file holds ``<split>_set_x`` (N, 64, 64, 3) uint8, ``<split>_set_y`` (N,) integer
+    labels and ``list_classes`` (K,), the label values. Labels are returned as indices into
+    ``list_classes`` (the identity for the published files, whose classes are 0..5) and the
+    class names are those values as strings.
+
+    Args:
+        files_dir: the directory holding the two files.
+
+    Returns:
+        The splits, images (N, H, W, C) uint8 with C 1 or 3, labels int64.
+
+    Raises:
+        DatasetFormatError: a file or dataset is missing, has the wrong type or shape, labels
+            and images differ in number, a label is not in ``list_classes``, or the two files
+            disagree on the classes or the image shape; the message names the file.
+    """
+    files_dir = Path(files_dir)
+    parts = {}
+    for split, (name, images_key, labels_key) in SIGNS_FILES.items():
+        parts[split] = _read_signs_file(files_dir / name, images_key, labels_key)
+    (x_train, y_train, classes), (x_test, y_test, test_classes) = parts["train"], parts["test"]
+    train_name, test_name = SIGNS_FILES["train"][0], SIGNS_FILES["test"][0]
+    if not np.array_equal(classes, test_classes):
+        raise DatasetFormatError(
+            f"{files_dir / test_name}: {SIGNS_CLASSES_KEY!r} is {test_classes.tolist()} but "
+            f"{train_name} has {classes.tolist()}; both files must list the same classes"
+        )
+    if x_train.shape[1:] != x_test.shape[1:]:
+        raise DatasetFormatError(
+            f"{files_dir / test_name}: images are {x_test.shape[1:]} but those of {train_name} "
+            f"are {x_train.shape[1:]}; both splits must have the same image shape"
+        )
+    # a label's index is the position of its value in list_classes (every value is there)
+    sorter = np.argsort(classes)
+    y_train = sorter[np.searchsorted(classes, y_train, sorter=sorter)]
+    y_test = sorter[np.searchsorted(classes, y_test, sorter=sorter)]
+    return Splits(
+        x_train,
+        y_train.astype(np.int64),
+        x_test,
+        y_test.astype(np.int64),
+        [str(int(value)) for value in classes],
+    )

@@ -11,7 +11,9 @@ output directory and renamed onto it at the very end, so a failed run leaves not
 The raw directory holds ``manifest.json`` (dataset, kind, sha256 and origin of every file),
 ``files/`` (the verified files as fetched) and, for CIFAR, the safely extracted tarball under
 ``extracted/``. An ``imagefolder`` dataset is a directory or tar(.gz) of class folders
-(``data.source``); it is stored as one tar in ``files/`` and never extracted.
+(``data.source``); it is stored as one tar in ``files/`` and never extracted. A ``signs``
+dataset (the hand-sign set, which has no official download) is a directory (``data.source``)
+holding ``train_signs.h5`` and ``test_signs.h5``; both are copied into ``files/`` and checked.
 """
 
 from __future__ import annotations
@@ -44,6 +46,9 @@ USER_AGENT = "deepnets-download/0.1 (+python urllib)"
 # HTTP statuses worth retrying: the server or a proxy may recover
 _TRANSIENT_HTTP = {408, 425, 429, 500, 502, 503, 504}
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+# datasets read from data.source rather than downloaded: no pinned files, no official host
+LOCAL_DATASETS = ("imagefolder", "signs")
+SIGNS_HINT = "the directory holding train_signs.h5 and test_signs.h5 (the hand-sign set)"
 
 
 class DownloadError(RuntimeError):
@@ -242,7 +247,7 @@ def _registry_spec(dataset: str) -> DatasetSpec:
     try:
         return datasets.DATASETS[dataset]
     except KeyError:
-        known = ", ".join(sorted(datasets.DATASETS) + ["imagefolder"])
+        known = ", ".join(sorted([*datasets.DATASETS, *LOCAL_DATASETS]))
         raise DownloadError(
             f"unknown dataset {dataset!r}: set data.dataset in params.yaml to one of {known}"
         ) from None
@@ -378,6 +383,48 @@ def _stage_imagefolder(source: str | None, work: Path, out_dir: Path) -> dict[st
     }
 
 
+def _stage_signs(source: str | None, work: Path, out_dir: Path) -> dict[str, object]:
+    """Copy the two SIGNS HDF5 files into work/files and check them; return the manifest."""
+    if not source:
+        raise DownloadError(
+            f"dataset signs needs a source: set data.source in params.yaml to {SIGNS_HINT}"
+        )
+    path = Path(source).expanduser()
+    if not path.is_dir():
+        what = "does not exist" if not path.exists() else "is not a directory"
+        raise DownloadError(
+            f"data.source = {source!r} {what}: set data.source in params.yaml to {SIGNS_HINT}"
+        )
+    names = [name for name, _, _ in datasets.SIGNS_FILES.values()]
+    missing = [name for name in names if not (path / name).is_file()]
+    if missing:
+        raise DownloadError(
+            f"{' and '.join(missing)} not found in data.source = {source!r}: set data.source in "
+            f"params.yaml to {SIGNS_HINT}. Nothing was written to {out_dir}."
+        )
+    files_dir = work / "files"
+    files_dir.mkdir()
+    for name in names:
+        try:
+            shutil.copyfile(path / name, files_dir / name)
+        except OSError as error:
+            raise DownloadError(
+                f"cannot copy {path / name}: {error}. Nothing was written to {out_dir}."
+            ) from None
+    try:
+        splits = datasets.read_signs(files_dir)
+    except DatasetFormatError as error:
+        raise DownloadError(f"{error}. Nothing was written to {out_dir}.") from None
+    resolved = path.resolve()
+    return {
+        "dataset": "signs",
+        "kind": "signs",
+        "files": {name: _sha256(files_dir / name) for name in names},
+        "sources": {name: str(resolved / name) for name in names},
+        "class_names": splits.class_names,
+    }
+
+
 def download(
     dataset: str,
     out_dir: Path,
@@ -393,11 +440,12 @@ def download(
     """Fetch, verify and lay out a dataset in ``out_dir``, atomically.
 
     Args:
-        dataset: cifar10, cifar100, mnist, fashion_mnist or imagefolder.
+        dataset: cifar10, cifar100, mnist, fashion_mnist, imagefolder or signs.
         out_dir: the raw directory to (re)create; an existing one is replaced on success only.
         mirror: a directory or file:// / http(s):// URL holding the canonical files, tried
             before the official hosts.
-        source: imagefolder only: a directory or tar(.gz) of train/<class>/, test/<class>/.
+        source: imagefolder: a directory or tar(.gz) of train/<class>/, test/<class>/;
+            signs: the directory holding train_signs.h5 and test_signs.h5.
         retries: extra attempts per source after a network error or truncated transfer.
         timeout_s: socket timeout of each HTTP request.
         backoff_s: the wait before the first retry; it doubles with each further retry.
@@ -412,7 +460,7 @@ def download(
             how to set ``data.mirror``), or the data was unsafe or malformed. Nothing is written.
     """
     out_dir = Path(out_dir)
-    if dataset != "imagefolder" and spec is None:
+    if dataset not in LOCAL_DATASETS and spec is None:
         spec = _registry_spec(dataset)
     missing_parents = [p for p in out_dir.absolute().parents if not p.exists()]
     work = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
@@ -422,6 +470,8 @@ def download(
         work.mkdir(parents=True)
         if dataset == "imagefolder":
             manifest = _stage_imagefolder(source, work, out_dir)
+        elif dataset == "signs":
+            manifest = _stage_signs(source, work, out_dir)
         else:
             assert spec is not None
             manifest = _download_canonical(

@@ -5,6 +5,8 @@
   published batches are, in the published folder layout.
 - MNIST IDX files, gzip-compressed, with the published names and magic numbers.
 - Image-folder trees and tarballs (``train/<class>/*.png``, ``test/<class>/*.png``).
+- The hand-sign (SIGNS) HDF5 files ``train_signs.h5`` and ``test_signs.h5``, with the course's
+  dataset names (``train_set_x``, ``train_set_y``, ``list_classes``, ...) and dtypes.
 - Hostile archives: path traversal, absolute names, links, and a CIFAR batch whose pickle runs
   a shell command when loaded by an unrestricted unpickler.
 
@@ -351,6 +353,48 @@ def make_imagefolder_tar(path: Path, **kwargs: Any) -> tuple[Path, Expected]:
     """Write an image-folder .tar.gz at path; return it and its contents."""
     members, expected = imagefolder_members(**kwargs)
     return write_tar_gz(Path(path), members), expected
+
+
+# --- SIGNS (HDF5) --------------------------------------------------------------------------
+
+
+def write_signs_h5(
+    path: Path, split: str, images: np.ndarray, labels: np.ndarray, classes: np.ndarray
+) -> Path:
+    """Write one SIGNS file: ``<split>_set_x``, ``<split>_set_y`` and ``list_classes``."""
+    import h5py
+
+    with h5py.File(path, "w") as file:
+        file.create_dataset(f"{split}_set_x", data=images)
+        file.create_dataset(f"{split}_set_y", data=labels)
+        file.create_dataset("list_classes", data=classes)
+    return Path(path)
+
+
+def make_signs(
+    directory: Path,
+    train: int = 12,
+    test: int = 6,
+    size: int = 64,
+    classes: int = 6,
+    seed: int = 4,
+) -> tuple[Path, Expected]:
+    """Write train_signs.h5 and test_signs.h5 into directory; return it and their contents.
+
+    As published: images (N, size, size, 3) uint8, labels (N,) int64 in 0..classes-1 and
+    ``list_classes`` (classes,) int64 [0, 1, ...].
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    values = np.arange(classes, dtype=np.int64)
+    arrays = {}
+    for split, count in (("train", train), ("test", test)):
+        images = _random_images(rng, count, (size, size, 3))
+        labels = rng.integers(0, classes, size=count).astype(np.int64)
+        write_signs_h5(directory / f"{split}_signs.h5", split, images, labels, values)
+        arrays[split] = (images, labels)
+    return directory, Expected(*arrays["train"], *arrays["test"], [str(v) for v in values])
 
 
 # --- hostile archives ---------------------------------------------------------------------
