@@ -4,6 +4,15 @@ Importing this package registers every variant; build one with ``create_model(na
 """
 
 from nets import catalog  # noqa: F401  (registers every variant; imports no Keras)
-from nets.registry import ModelEntry, create_model, get_entry, list_models, register
+from nets.registry import (
+    ModelEntry,
+    builder_options,
+    create_model,
+    get_entry,
+    list_models,
+    register,
+)
 
-__all__ = ["ModelEntry", "create_model", "get_entry", "list_models", "register"]
+__all__ = [
+    "ModelEntry", "builder_options", "create_model", "get_entry", "list_models", "register",
+]

@@ -9,6 +9,7 @@ names (which every pipeline stage does through params.yaml) never pays for impor
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -62,6 +63,12 @@ def resolve_builder(builder: Builder) -> Callable[..., keras.Model]:
     return getattr(importlib.import_module(module), function)
 
 
+def builder_options(name: str) -> set[str]:
+    """The keyword options the builder of ``name`` takes (besides shape, classes and name)."""
+    builder = resolve_builder(get_entry(name).builder)
+    return set(inspect.signature(builder).parameters) - {"input_shape", "num_classes", "name"}
+
+
 def list_models() -> list[str]:
     """Names of every registered model, sorted."""
     return sorted(_REGISTRY)
@@ -100,7 +107,15 @@ def create_model(
     """
     entry = get_entry(name)
     kwargs = {**entry.defaults, **overrides}
-    return resolve_builder(entry.builder)(
+    builder = resolve_builder(entry.builder)
+    accepted = builder_options(name)
+    unknown = sorted(set(overrides) - accepted)
+    if unknown:
+        raise ValueError(
+            f"model {name!r} does not take option(s) {', '.join(unknown)}; "
+            f"it takes: {', '.join(sorted(accepted))}"
+        )
+    return builder(
         input_shape=tuple(input_shape or entry.input_shape),
         num_classes=num_classes or entry.num_classes,
         name=name,

@@ -161,6 +161,11 @@ class TrainParams(_Section):
             )
         if list(given) != sorted(set(given)):
             raise ValueError(f"the milestones {list(given)} must be strictly increasing")
+        if self.schedule == "one_cycle" and self.optimizer == "rmsprop":
+            raise ValueError(
+                "train.optimizer = 'rmsprop' cannot cycle momentum: use sgd or adam with "
+                "train.schedule: one_cycle"
+            )
         if self.schedule == "one_cycle" and self.plateau is not None:
             raise ValueError(
                 "train.plateau must be null with train.schedule: one_cycle (the one-cycle "

@@ -20,6 +20,9 @@ from typing import Any
 import keras
 import numpy as np
 
+# saved training models may carry the cyclic-momentum optimizers; loading needs them registered
+import tasks.schedules  # noqa: F401
+
 AUGMENT_PREFIX = "augment_"
 # Keras walks a functional graph recursively, one frame per layer; ResNet-1202 needs ~9,000.
 RECURSION_LIMIT = 20_000
@@ -222,6 +225,18 @@ class BestCheckpoint(keras.callbacks.Callback):
 
     def set_state(self, state: dict[str, Any]) -> None:
         self.best, self.best_epoch = state["best"], state["best_epoch"]
+
+
+class EpochRates(keras.callbacks.Callback):
+    """Record (first step of the epoch, learning rate, None) at the start of every epoch."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows: list[tuple[int, float, float | None]] = []
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        rate = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+        self.rows.append((epoch * self.params["steps"], rate, None))
 
 
 class LiveLogger(keras.callbacks.Callback):

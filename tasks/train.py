@@ -22,6 +22,7 @@ import platform
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -76,18 +77,51 @@ def run_metadata(params: Params) -> dict[str, Any]:
     }
 
 
-def train(params: Params, prepared, model_path: Path, live=None, verbose: int | str = 2):
-    """Build the net named in params, wrap it for uint8 input, and fit it.
+@dataclass
+class TrainResult:
+    """What a training run produced, beyond the saved model."""
+
+    model: Any
+    history: dict[str, list[float]]
+    checkpoint: Any  # BestCheckpoint: best value and epoch
+    rates: list[tuple[int, float, float | None]]  # (step, learning rate, momentum) as applied
+    activations: Any = None  # ActivationStats, when train.activation_stats
+
+
+def rate_callback(cfg, steps_per_epoch: int):
+    """The callback that sets the learning rate: the step/plateau controller or one-cycle."""
+    from tasks.modeling import LearningRateController
+    from tasks.schedules import OneCycle
+
+    if cfg.schedule == "one_cycle":
+        oc = cfg.one_cycle
+        return OneCycle(oc.lr_max, total_steps=cfg.epochs * steps_per_epoch, div=oc.div,
+                        div_final=oc.div_final, pct_start=oc.pct_start, moms=oc.moms)
+    plateau = cfg.plateau
+    return LearningRateController(
+        cfg.learning_rate, cfg.milestones(), cfg.lr_gammas,
+        monitor=plateau.monitor if plateau else None,
+        factor=plateau.factor if plateau else 1.0,
+        patience=plateau.patience if plateau else 0,
+        min_lr=plateau.min_lr if plateau else 0.0,
+        warmup_epochs=cfg.warmup_epochs, warmup_lr=cfg.warmup_lr,
+    )
+
+
+def train(params: Params, prepared, model_path: Path, live=None,
+          verbose: int | str = 2) -> TrainResult:
+    """Build the net named in params, wrap it for uint8 input, and fit it with the recipe.
 
     Args:
-        params: validated params (uses ``model`` and ``train``).
+        params: validated params (uses ``model`` and the resolved ``train`` recipe).
         prepared: a :class:`tasks.preprocess.Prepared`.
         model_path: where the best model (by ``train.checkpoint_monitor``) is saved.
         live: an optional ``dvclive.Live`` receiving per-epoch metrics.
         verbose: Keras fit verbosity.
 
     Returns:
-        (history dict, best-checkpoint callback).
+        The trained model, its history, the best-checkpoint record, the applied rates and,
+        when asked for, the activation statistics.
 
     Raises:
         ValueError: a builder option or a monitor key that does not exist.
@@ -95,23 +129,29 @@ def train(params: Params, prepared, model_path: Path, live=None, verbose: int | 
     """
     import keras
 
-    from nets import create_model
+    from nets import builder_options, create_model
+    from tasks.activations import ActivationStats
     from tasks.modeling import (
         BestCheckpoint,
-        LearningRateController,
+        EpochRates,
         LiveLogger,
         StopOnNonFinite,
         build_training_model,
     )
     from tasks.preprocess import input_statistics
+    from tasks.schedules import with_cyclic_momentum
 
     cfg = params.train
     keras.utils.set_random_seed(cfg.seed)
+    # a recipe's builder options apply where the builder takes them (the paper's l2 means
+    # nothing to a net without it); options set in model.options must all be taken
+    accepted = builder_options(params.model.name)
+    recipe_options = {k: v for k, v in cfg.model_options.items() if k in accepted}
     net = create_model(
         params.model.name,
         input_shape=tuple(prepared.x_train.shape[1:]),
         num_classes=len(prepared.class_names),
-        **{**cfg.model_options, **params.model.options},
+        **{**recipe_options, **params.model.options},
     )
     mean, std = prepared.mean, prepared.std
     if cfg.normalization and cfg.normalization != prepared.normalization:
@@ -120,22 +160,24 @@ def train(params: Params, prepared, model_path: Path, live=None, verbose: int | 
         net, mean, std, shift=cfg.augment.shift, flip=cfg.augment.flip,
         crop_pad=cfg.augment.crop_pad, seed=cfg.seed,
     )
-    model.compile(
-        optimizer=make_optimizer(cfg),
-        loss="sparse_categorical_crossentropy",
-        metrics=["accuracy"],
-    )
-    plateau = cfg.plateau
-    controller = LearningRateController(
-        cfg.learning_rate, cfg.milestones(), cfg.lr_gammas,
-        monitor=plateau.monitor if plateau else None,
-        factor=plateau.factor if plateau else 1.0,
-        patience=plateau.patience if plateau else 0,
-        min_lr=plateau.min_lr if plateau else 0.0,
-        warmup_epochs=cfg.warmup_epochs, warmup_lr=cfg.warmup_lr,
-    )
+    optimizer = make_optimizer(cfg)
+    if cfg.schedule == "one_cycle":
+        optimizer = with_cyclic_momentum(optimizer)
+    model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy",
+                  metrics=["accuracy"])
+    steps_per_epoch = -(-len(prepared.x_train) // cfg.batch_size)
+    rates = rate_callback(cfg, steps_per_epoch)
     checkpoint = BestCheckpoint(model_path, cfg.checkpoint_monitor, "train.checkpoint_monitor")
-    callbacks = [controller, checkpoint, StopOnNonFinite()]
+    callbacks = [rates, checkpoint, StopOnNonFinite()]
+    epoch_rates = None
+    if cfg.schedule != "one_cycle":
+        epoch_rates = EpochRates()
+        callbacks.insert(1, epoch_rates)
+    activations = None
+    if cfg.activation_stats:
+        # a fixed probe batch, measured ~20 times an epoch (see tasks.activations)
+        activations = ActivationStats(prepared.x_train[:32], every=max(1, steps_per_epoch // 20))
+        callbacks.append(activations)
     if live is not None:
         callbacks.append(LiveLogger(live))
     history = model.fit(
@@ -147,7 +189,30 @@ def train(params: Params, prepared, model_path: Path, live=None, verbose: int | 
         callbacks=callbacks,
         verbose=verbose,
     )
-    return model, history.history, checkpoint
+    applied = epoch_rates.rows if epoch_rates is not None else list(rates.history)
+    return TrainResult(model, history.history, checkpoint, applied, activations)
+
+
+def write_plots(result: TrainResult, out: Path) -> None:
+    """The applied schedule and, if recorded, the activation statistics, as PNG and CSV."""
+    from tasks.activations import plot_stats, stats_rows
+    from tasks.schedules import plot_schedule, schedule_rows
+
+    out.mkdir(parents=True, exist_ok=True)
+    plot_schedule(result.rates, out / "schedule.png")
+    _write_csv(schedule_rows(result.rates), out / "schedule.csv")
+    if result.activations is not None:
+        plot_stats(result.activations.stats, out)
+        _write_csv(stats_rows(result.activations.stats), out / "activations.csv")
+
+
+def _write_csv(rows: list[dict[str, Any]], path: Path) -> None:
+    import csv
+
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["step"])
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -156,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--live", type=Path, required=True)
+    parser.add_argument("--plots", type=Path, required=True)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = parser.parse_args(argv)
     params = load_params_or_exit(args.params)
@@ -168,12 +234,14 @@ def main(argv: list[str] | None = None) -> int:
     prepared = load_prepared(args.data)
     verbose = 1 if sys.stdout.isatty() else 2
     started = time.perf_counter()
-    with atomic_dir(args.out) as out, atomic_dir(args.live) as live_dir:
+    with (
+        atomic_dir(args.out) as out,
+        atomic_dir(args.live) as live_dir,
+        atomic_dir(args.plots) as plots_dir,
+    ):
         live = Live(dir=str(live_dir), dvcyaml=None, save_dvc_exp=False, report=None)
         try:
-            model, history, checkpoint = train(
-                params, prepared, out / "model.keras", live=live, verbose=verbose
-            )
+            result = train(params, prepared, out / "model.keras", live=live, verbose=verbose)
         except ValueError as error:
             # bad model options or monitor keys are configuration errors
             print(f"error: {error}", file=sys.stderr)
@@ -182,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {error}", file=sys.stderr)
             raise SystemExit(1) from None
         elapsed = time.perf_counter() - started
+        checkpoint = result.checkpoint
+        write_plots(result, plots_dir)
         live.summary["best_epoch"] = checkpoint.best_epoch + 1  # 1-based, as Keras prints
         live.summary[f"best_{checkpoint.monitor}"] = checkpoint.best
         live.summary["seconds"] = round(elapsed, 2)
@@ -192,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         write_json(out / "params.json", meta)
         buffer = io.StringIO()
         with contextlib.redirect_stdout(buffer):
-            model.summary(expand_nested=True, line_length=110)
+            result.model.summary(expand_nested=True, line_length=110)
         (out / "summary.txt").write_text(buffer.getvalue())
     print(
         f"train: {params.model.name}, {params.train.epochs} epoch(s) in {elapsed:.1f} s; best "

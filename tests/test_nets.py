@@ -802,3 +802,8 @@ def test_v2_and_densenet_builders_raise_the_recursion_limit() -> None:
         assert sys.getrecursionlimit() == 2 * (9 * 3 + 20) + 1000
     finally:
         sys.setrecursionlimit(before)
+
+
+def test_an_option_the_builder_does_not_take_is_named() -> None:
+    with pytest.raises(ValueError, match=r"'simple_cnn' does not take option\(s\) shortcut"):
+        nets.create_model("simple_cnn", shortcut="projection")
