@@ -1,0 +1,110 @@
+"""Every net trains one step under the JAX backend (the TensorFlow backend is covered by the
+per-family tests). Runs in one subprocess per group, since Keras picks its backend at import.
+
+Variants of one builder differ only in numbers, so the default run takes each builder's
+shallowest variant (one eager step of every deeper variant costs minutes on a CPU); the slow
+run takes every variant."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+import nets
+from tests.conftest import ROOT, stage_environment
+
+
+def _per_builder(names: list[str]) -> list[str]:
+    first: dict[str, str] = {}
+    for name in sorted(names, key=_size):
+        first.setdefault(str(nets.get_entry(name).builder), name)
+    return sorted(first.values())
+
+
+def _size(name: str) -> int:
+    entry = nets.get_entry(name)
+    return int(entry.defaults.get("depth", 0))
+
+
+REGISTERED = [name for name in nets.list_models() if not nets.get_entry(name).slow]
+# one JAX step of DenseNet-BC-100 took 253 s here (XLA on 2 CPU cores); it runs with -m slow
+SLOW_UNDER_JAX = {"densenet_bc_100_k12"}
+ONE_PER_BUILDER = [n for n in _per_builder(REGISTERED) if n not in SLOW_UNDER_JAX]
+DEEPER = [name for name in nets.list_models() if name not in ONE_PER_BUILDER]
+
+SCRIPT = r"""
+import json, sys
+import numpy as np
+import keras
+import nets
+from tasks.modeling import build_training_model
+
+results = {"backend": keras.backend.backend()}
+for name in sys.argv[1:]:
+    entry = nets.get_entry(name)
+    shape = entry.input_shape
+    net = nets.create_model(name)
+    model = build_training_model(net, np.zeros(shape, "float32"), np.ones(shape, "float32"),
+                                 shift=0.1, flip=True, seed=0)
+    # eager: one step does not repay XLA's compile time
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", run_eagerly=True)
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (2, *shape), dtype=np.uint8)
+    y = rng.integers(0, entry.num_classes, 2)
+    before = [np.array(w) for w in net.trainable_weights]
+    loss = float(model.train_on_batch(x, y))
+    changed = any(not np.array_equal(a, np.array(w)) for a, w in zip(before, net.trainable_weights))
+    results[name] = {"loss": loss, "changed": changed}
+print("RESULTS " + json.dumps(results))
+"""
+
+
+def _run_under_jax(names: list[str]) -> dict:
+    pytest.importorskip("jax", reason="install the test extra (jax[cpu]) to test the JAX backend")
+    env = stage_environment()
+    env["KERAS_BACKEND"] = "jax"
+    result = subprocess.run([sys.executable, "-c", SCRIPT, *names], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=3600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = next(line for line in result.stdout.splitlines() if line.startswith("RESULTS "))
+    return json.loads(line.removeprefix("RESULTS "))
+
+
+@pytest.fixture(scope="module")
+def jax_results() -> dict:
+    return _run_under_jax(ONE_PER_BUILDER)
+
+
+@pytest.fixture(scope="module")
+def jax_results_deeper() -> dict:
+    return _run_under_jax(DEEPER)
+
+
+def _check(outcome: dict, name: str) -> None:
+    assert outcome["changed"], f"{name}: no weight changed"
+    assert math.isfinite(outcome["loss"]) and outcome["loss"] > 0
+
+
+def test_every_builder_is_covered():
+    builders = {str(nets.get_entry(name).builder) for name in nets.list_models()}
+    covered = {str(nets.get_entry(name).builder) for name in [*ONE_PER_BUILDER, *SLOW_UNDER_JAX]}
+    assert covered == builders
+
+
+def test_the_subprocess_really_used_jax(jax_results):
+    assert jax_results["backend"] == "jax"
+
+
+@pytest.mark.parametrize("name", ONE_PER_BUILDER)
+def test_one_training_step_under_jax(jax_results, name):
+    _check(jax_results[name], name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", DEEPER)
+def test_one_training_step_under_jax_deeper_variants(jax_results_deeper, name):
+    _check(jax_results_deeper[name], name)
