@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
-# Installs the real Fashion-MNIST (Debian package dataset-fashion-mnist) that the tests use as a
-# local mirror, where apt is available and we may use it. Elsewhere the tests that need it skip
-# and say why.
+# Installs the Debian packages the tests use, where apt is available and we may use it:
+# dataset-fashion-mnist (the real Fashion-MNIST, served as a local mirror) and graphviz (the
+# train stage's architecture diagram). Elsewhere the tests that need them skip and say why.
 set -u
-dir=/usr/share/datasets/fashion-mnist
-if [ -f "$dir/train-images-idx3-ubyte.gz" ]; then
-  exit 0
-fi
+wanted=()
+[ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || wanted+=(dataset-fashion-mnist)
+command -v dot >/dev/null 2>&1 || wanted+=(graphviz)
+[ ${#wanted[@]} -eq 0 ] && exit 0
 if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
-  echo "installing dataset-fashion-mnist (Debian) for the real-data tests"
-  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist) \
-    >/dev/null 2>&1 || echo "could not install dataset-fashion-mnist; its tests will skip"
+  echo "installing ${wanted[*]} (Debian) for the tests"
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${wanted[@]}") \
+    >/dev/null 2>&1 || echo "could not install ${wanted[*]}; the tests that need them will skip"
 else
-  echo "apt-get not usable here: the Fashion-MNIST tests will skip (install dataset-fashion-mnist)"
+  echo "apt-get not usable here: tests needing ${wanted[*]} will skip"
 fi
 exit 0

@@ -206,6 +206,19 @@ def write_plots(result: TrainResult, out: Path) -> None:
         _write_csv(stats_rows(result.activations.stats), out / "activations.csv")
 
 
+def write_diagram(model: Any, path: Path) -> str | None:
+    """Draw the architecture with keras.utils.plot_model; returns why not, if it cannot."""
+    import shutil
+
+    import keras
+
+    if shutil.which("dot") is None:
+        return "Graphviz's dot is not installed (apt-get install graphviz) so no diagram was drawn"
+    keras.utils.plot_model(model, to_file=str(path), show_shapes=True, expand_nested=True,
+                           show_layer_names=True, dpi=72)
+    return None
+
+
 def _write_csv(rows: list[dict[str, Any]], path: Path) -> None:
     import csv
 
@@ -264,6 +277,9 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.redirect_stdout(buffer):
             result.model.summary(expand_nested=True, line_length=110)
         (out / "summary.txt").write_text(buffer.getvalue())
+        skipped = write_diagram(result.model, out / "architecture.png")
+        if skipped:
+            print(f"train: {skipped}", file=sys.stderr)
     print(
         f"train: {params.model.name}, {params.train.epochs} epoch(s) in {elapsed:.1f} s; best "
         f"{checkpoint.monitor} {checkpoint.best:.4f} at epoch {checkpoint.best_epoch + 1}"

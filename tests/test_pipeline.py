@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +51,9 @@ def test_first_run_writes_every_output(repo):
                  "plots/confusion.csv", "plots/confusion.png", "export/model.keras",
                  "export/saved_model/saved_model.pb", "export/check.json", "reports/summary.md"]:
         assert (repo / path).exists(), path
+    if shutil.which("dot"):  # the diagram needs Graphviz (scripts/test-data.sh installs it)
+        assert (repo / "models/architecture.png").stat().st_size > 0
+    assert "stage3_unit3_out" in (repo / "models/summary.txt").read_text()
     run_info = json.loads((repo / "models/params.json").read_text())
     assert run_info["params"]["train"]["epochs"] == 1
     assert run_info["git_commit"]
