@@ -1,5 +1,6 @@
-"""Every net trains one step under the JAX backend (the TensorFlow backend is covered by the
-per-family tests). Runs in one subprocess per group, since Keras picks its backend at import.
+"""Every net trains one step under the TensorFlow backend (every registered variant but the
+very deep ones) and under the JAX backend. Each group runs in one subprocess, since Keras picks
+its backend at import.
 
 Variants of one builder differ only in numbers, so the default run takes each builder's
 shallowest variant (one eager step of every deeper variant costs minutes on a CPU); the slow
@@ -63,10 +64,11 @@ print("RESULTS " + json.dumps(results))
 """
 
 
-def _run_under_jax(names: list[str]) -> dict:
-    pytest.importorskip("jax", reason="install the test extra (jax[cpu]) to test the JAX backend")
+def _run_under(backend: str, names: list[str]) -> dict:
+    if backend == "jax":
+        pytest.importorskip("jax", reason="install the test extra (jax[cpu]) to test JAX")
     env = stage_environment()
-    env["KERAS_BACKEND"] = "jax"
+    env["KERAS_BACKEND"] = backend
     result = subprocess.run([sys.executable, "-c", SCRIPT, *names], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=3600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -75,13 +77,18 @@ def _run_under_jax(names: list[str]) -> dict:
 
 
 @pytest.fixture(scope="module")
+def tf_results() -> dict:
+    return _run_under("tensorflow", REGISTERED)
+
+
+@pytest.fixture(scope="module")
 def jax_results() -> dict:
-    return _run_under_jax(ONE_PER_BUILDER)
+    return _run_under("jax", ONE_PER_BUILDER)
 
 
 @pytest.fixture(scope="module")
 def jax_results_deeper() -> dict:
-    return _run_under_jax(DEEPER)
+    return _run_under("jax", DEEPER)
 
 
 def _check(outcome: dict, name: str) -> None:
@@ -95,8 +102,13 @@ def test_every_builder_is_covered():
     assert covered == builders
 
 
-def test_the_subprocess_really_used_jax(jax_results):
-    assert jax_results["backend"] == "jax"
+def test_the_subprocesses_really_used_their_backends(tf_results, jax_results):
+    assert (tf_results["backend"], jax_results["backend"]) == ("tensorflow", "jax")
+
+
+@pytest.mark.parametrize("name", REGISTERED)
+def test_one_training_step_under_tensorflow(tf_results, name):
+    _check(tf_results[name], name)
 
 
 @pytest.mark.parametrize("name", ONE_PER_BUILDER)
