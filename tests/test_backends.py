@@ -120,3 +120,17 @@ def test_one_training_step_under_jax(jax_results, name):
 @pytest.mark.parametrize("name", DEEPER)
 def test_one_training_step_under_jax_deeper_variants(jax_results_deeper, name):
     _check(jax_results_deeper[name], name)
+
+
+VERY_DEEP = [name for name in nets.list_models() if nets.get_entry(name).slow]
+
+
+@pytest.fixture(scope="module")
+def tf_results_very_deep() -> dict:
+    return _run_under("tensorflow", VERY_DEEP)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", VERY_DEEP)
+def test_one_training_step_under_tensorflow_very_deep(tf_results_very_deep, name):
+    _check(tf_results_very_deep[name], name)
