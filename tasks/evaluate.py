@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from tasks.config import load_params_or_exit
-from tasks.io import write_json
+from tasks.io import write_csv, write_json
 
 
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
@@ -97,14 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     result = summarize(probs, y_true, prepared.class_names)
     result["model"] = params.model.name
 
-    args.plots.mkdir(parents=True, exist_ok=True)
     names = np.asarray(prepared.class_names)
-    rows = ["actual,predicted"] + [
-        f"{a},{p}" for a, p in zip(names[y_true], names[probs.argmax(axis=1)], strict=True)
-    ]
-    csv_tmp = args.plots / f"confusion.csv.tmp-{os.getpid()}"
-    csv_tmp.write_text("\n".join(rows) + "\n")
-    os.replace(csv_tmp, args.plots / "confusion.csv")
+    pairs = zip(names[y_true], names[probs.argmax(axis=1)], strict=True)
+    write_csv(args.plots / "confusion.csv",
+              [{"actual": a, "predicted": p} for a, p in pairs], ["actual", "predicted"])
     matrix = confusion_matrix(y_true, probs.argmax(axis=1), len(names))
     plot_confusion(matrix, prepared.class_names, args.plots / "confusion.png")
     write_json(args.metrics, result)

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from tasks.config import PreprocessParams, load_params_or_exit
-from tasks.io import atomic_dir, write_json
+from tasks.io import atomic_dir, read_json, write_json
 
 
 @dataclass
@@ -139,10 +139,8 @@ def save_prepared(prepared: Prepared, out: Path) -> None:
 
 def load_prepared(directory: Path) -> Prepared:
     """Read what :func:`save_prepared` wrote."""
-    import json
-
     directory = Path(directory)
-    meta = json.loads((directory / "stats.json").read_text())
+    meta = read_json(directory / "stats.json")
     with np.load(directory / "data.npz") as data, np.load(directory / "stats.npz") as stats:
         return Prepared(
             data["x_train"], data["y_train"], data["x_val"], data["y_val"],

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.config import Params, load_params_or_exit
-from tasks.io import atomic_dir, write_json
+from tasks.io import atomic_dir, write_csv, write_json
 
 
 def make_optimizer(train) -> Any:
@@ -201,10 +201,10 @@ def write_plots(result: TrainResult, out: Path) -> None:
 
     out.mkdir(parents=True, exist_ok=True)
     plot_schedule(result.rates, out / "schedule.png")
-    _write_csv(schedule_rows(result.rates), out / "schedule.csv")
+    write_csv(out / "schedule.csv", schedule_rows(result.rates))
     if result.activations is not None:
         plot_stats(result.activations.stats, out)
-        _write_csv(stats_rows(result.activations.stats), out / "activations.csv")
+        write_csv(out / "activations.csv", stats_rows(result.activations.stats))
 
 
 def write_diagram(model: Any, path: Path) -> str | None:
@@ -218,15 +218,6 @@ def write_diagram(model: Any, path: Path) -> str | None:
     keras.utils.plot_model(model, to_file=str(path), show_shapes=True, expand_nested=True,
                            show_layer_names=True, dpi=72)
     return None
-
-
-def _write_csv(rows: list[dict[str, Any]], path: Path) -> None:
-    import csv
-
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["step"])
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def main(argv: list[str] | None = None) -> int:
