@@ -66,20 +66,32 @@ class PreprocessParams(_Section):
 
 
 class ModelParams(_Section):
-    """Which registered network to build, with builder overrides."""
+    """Which registered networks the pipeline trains, with builder overrides.
 
-    name: str = "resnet20_v1"
-    # keyword overrides passed to the registered builder (e.g. shortcut, l2)
+    ``names`` lists the architectures; dvc.yaml gives each its own train, evaluate and export
+    stage (``train@<name>``...). ``name`` is never written in params.yaml: a stage sets it
+    through ``load_params(model=...)`` to say which of the listed nets it works on.
+    """
+
+    names: list[str] = Field(default_factory=lambda: ["resnet20_v1"], min_length=1)
+    # keyword overrides passed to every listed net's builder (e.g. shortcut, l2)
     options: dict[str, Any] = Field(default_factory=dict)
+    name: str = "resnet20_v1"
 
-    @field_validator("name")
+    @field_validator("names")
     @classmethod
-    def _known(cls, value: str) -> str:
+    def _known(cls, value: list[str]) -> list[str]:
         from nets import list_models
 
         known = list_models()
-        if value not in known:
-            raise ValueError(f"unknown model {value!r}; known models: {', '.join(known)}")
+        unknown = [name for name in value if name not in known]
+        if unknown:
+            raise ValueError(
+                f"unknown model(s) {', '.join(map(repr, unknown))}; known models: "
+                f"{', '.join(known)}"
+            )
+        if len(set(value)) != len(value):
+            raise ValueError("a model is listed twice: list each architecture once")
         return value
 
 
@@ -219,8 +231,37 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def resolve_recipe(raw: dict[str, Any], path: Path = DEFAULT_PARAMS) -> dict[str, Any]:
-    """params with ``train`` resolved: recipe preset, then its per-model part, then ``train`` keys."""
+def _selected_model(raw: dict[str, Any], path: Path, model: str | None) -> str:
+    """The net a stage works on: ``model`` (which must be listed) or the first of model.names."""
+    section = raw.get("model") or {}
+    if not isinstance(section, dict):
+        return model or ModelParams().name  # the schema reports the wrong type
+    if "name" in section:
+        raise ParamsError(
+            f"{path}: model.name is now model.names, a list of architectures: write "
+            f"`names: [{section['name']}]` under model"
+        )
+    names = section.get("names", ModelParams().names)
+    if model is None:
+        return names[0] if isinstance(names, list) and names else ModelParams().name
+    if isinstance(names, list) and model not in names:
+        raise ParamsError(
+            f"{path}: model {model!r} is not in model.names ({', '.join(map(str, names))}); "
+            "add it to the list"
+        )
+    return model
+
+
+def resolve_recipe(raw: dict[str, Any], path: Path = DEFAULT_PARAMS,
+                   model: str | None = None) -> dict[str, Any]:
+    """params with ``train`` resolved for one model: recipe preset, its per-model part, ``train``.
+
+    ``model`` picks the net (default: the first of ``model.names``); the result's
+    ``model.name`` says which.
+    """
+    model_name = _selected_model(raw, path, model)
+    if isinstance(raw.get("model") or {}, dict):
+        raw = {**raw, "model": {**(raw.get("model") or {}), "name": model_name}}
     train = raw.get("train") or {}
     recipes = raw.get("recipes") or {}
     if not isinstance(train, dict) or not isinstance(recipes, dict):
@@ -235,26 +276,27 @@ def resolve_recipe(raw: dict[str, Any], path: Path = DEFAULT_PARAMS) -> dict[str
         )
     preset = dict(recipes[name] or {})
     per_model = preset.pop("per_model", None) or {}
-    model_name = (raw.get("model") or {}).get("name", ModelParams().name)
     resolved = _merge(_merge(preset, per_model.get(model_name) or {}), train)
     return {**raw, "train": resolved}
 
 
-def parse_params(raw: dict[str, Any], path: Path = DEFAULT_PARAMS) -> Params:
-    """Validate a parsed params mapping. Raises ParamsError naming each bad key."""
+def parse_params(raw: dict[str, Any], path: Path = DEFAULT_PARAMS,
+                 model: str | None = None) -> Params:
+    """Validate a parsed params mapping for one model. Raises ParamsError naming each bad key."""
     if not isinstance(raw, dict):
         raise ParamsError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
     try:
-        return Params.model_validate(resolve_recipe(raw, path))
+        return Params.model_validate(resolve_recipe(raw, path, model))
     except ValidationError as error:
         raise ParamsError(_format_errors(path, raw, error)) from None
 
 
-def load_params(path: str | Path = DEFAULT_PARAMS) -> Params:
+def load_params(path: str | Path = DEFAULT_PARAMS, model: str | None = None) -> Params:
     """Read and validate params.yaml.
 
     Args:
         path: the params file.
+        model: the listed net whose recipe to resolve (default: the first of ``model.names``).
 
     Returns:
         The validated, typed parameters.
@@ -269,13 +311,13 @@ def load_params(path: str | Path = DEFAULT_PARAMS) -> Params:
         raise ParamsError(f"{path}: not found; run from the repository root") from None
     except yaml.YAMLError as error:
         raise ParamsError(f"{path}: not valid YAML: {error}") from None
-    return parse_params(raw or {}, path)
+    return parse_params(raw or {}, path, model)
 
 
-def load_params_or_exit(path: str | Path = DEFAULT_PARAMS) -> Params:
+def load_params_or_exit(path: str | Path = DEFAULT_PARAMS, model: str | None = None) -> Params:
     """load_params for stage entry points: print the error and exit 2 on bad params."""
     try:
-        return load_params(path)
+        return load_params(path, model)
     except ParamsError as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(EXIT_BAD_PARAMS) from None
@@ -294,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stamp", type=Path, help="write this file when the params are valid")
     args = parser.parse_args(argv)
     params = load_params_or_exit(args.params)
+    for name in params.model.names[1:]:  # every listed net's resolved recipe must be valid too
+        load_params_or_exit(args.params, name)
     if args.stamp:
         args.stamp.parent.mkdir(parents=True, exist_ok=True)
         tmp = args.stamp.with_name(args.stamp.name + ".tmp")

@@ -77,13 +77,14 @@ def plot_confusion(matrix: np.ndarray, class_names: list[str], path: Path) -> No
 def main(argv: list[str] | None = None) -> int:
     """`python -m tasks.evaluate --data data/prepared --model models/model.keras ...`."""
     parser = argparse.ArgumentParser(description="Evaluate the trained model on the test set.")
+    parser.add_argument("--model-name", help="which of model.names this is (default: the first)")
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--metrics", type=Path, required=True)
     parser.add_argument("--plots", type=Path, required=True)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = parser.parse_args(argv)
-    params = load_params_or_exit(args.params)
+    params = load_params_or_exit(args.params, args.model_name)
 
     from tasks.modeling import load_model
     from tasks.preprocess import load_prepared

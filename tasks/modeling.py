@@ -238,6 +238,12 @@ class EpochRates(keras.callbacks.Callback):
         rate = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
         self.rows.append((epoch * self.params["steps"], rate, None))
 
+    def get_state(self) -> dict[str, Any]:
+        return {"rows": [list(row) for row in self.rows]}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.rows = [tuple(row) for row in state["rows"]]
+
 
 class LiveLogger(keras.callbacks.Callback):
     """Log every epoch's metrics through a ``dvclive.Live`` (no TensorFlow import needed)."""
@@ -266,3 +272,39 @@ class StopOnNonFinite(keras.callbacks.Callback):
                 f"the training loss became {float(loss)} at batch {batch}; lower "
                 "train.learning_rate or check the input data"
             )
+
+
+class EpochShuffledArrays(keras.utils.PyDataset):
+    """Training batches from in-memory arrays, in an order drawn from ``(seed, epoch)``.
+
+    ``fit(x, y, shuffle=True)`` draws its orders from a random state that a restarted process
+    cannot put back where it was, so a resumed run would see other batches than the run it
+    continues. Here epoch ``e``'s order depends on ``seed`` and ``e`` only.
+
+    Args:
+        x, y: the training arrays (kept as they are; batches are gathered by index).
+        batch_size: images per batch; the last batch may be smaller.
+        seed: the run's seed.
+        initial_epoch: the first epoch this fit runs (a resumed run's completed epochs).
+    """
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, batch_size: int, seed: int,
+                 initial_epoch: int = 0):
+        super().__init__(workers=1, use_multiprocessing=False)
+        self.x, self.y, self.batch_size, self.seed = x, y, batch_size, seed
+        self.epoch = initial_epoch
+        self.order = self.order_for(self.epoch)
+
+    def order_for(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.x))
+
+    def __len__(self) -> int:
+        return -(-len(self.x) // self.batch_size)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        rows = self.order[index * self.batch_size : (index + 1) * self.batch_size]
+        return self.x[rows], self.y[rows]
+
+    def on_epoch_end(self) -> None:
+        self.epoch += 1
+        self.order = self.order_for(self.epoch)

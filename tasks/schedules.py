@@ -297,6 +297,12 @@ class OneCycle(keras.callbacks.Callback):
         # steps_per_execution > 1 reports the last batch of the execution here
         self._batches_in_epoch = max(self._batches_in_epoch, batch + 1)
 
+    def get_state(self) -> dict[str, Any]:
+        return {"history": [list(row) for row in self.history]}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.history = [tuple(row) for row in state["history"]]
+
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         if logs is not None and self._last is not None:
             lr, momentum = self._last

@@ -1,6 +1,6 @@
 """Train stage: fit one registry net on the prepared arrays with the recipe in params.yaml.
 
-Outputs:
+Outputs (one set per architecture listed in model.names):
     <out>/model.keras     the best model by ``train.checkpoint_monitor`` (takes raw uint8 images,
                           includes the input transform and the augmentation layers)
     <out>/params.json     the resolved params, library versions, backend and git commit
@@ -8,8 +8,12 @@ Outputs:
     <live>/metrics.json   DVCLive summary of the last epoch, plus the best epoch
     <live>/plots/metrics/*.tsv   per-epoch loss, accuracy, validation metrics and learning rate
 
-Both directories are written to temporary siblings and renamed at the end, so a failed or
-interrupted run leaves no model that evaluate or export could take for a finished one.
+    <backup>/             the training state after the last completed epoch (tasks.resume)
+
+The output directories are written to temporary siblings and renamed at the end, so a failed or
+interrupted run leaves no model that evaluate or export could take for a finished one. With
+``--backup``, a run killed part-way continues from its last completed epoch when started again
+with the same params and data.
 """
 
 from __future__ import annotations
@@ -87,6 +91,8 @@ class TrainResult:
     checkpoint: Any  # BestCheckpoint: best value and epoch
     rates: list[tuple[int, float, float | None]]  # (step, learning rate, momentum) as applied
     activations: Any = None  # ActivationStats, when train.activation_stats
+    backup: Any = None  # TrainingBackup, when backing up
+    initial_epoch: int = 0  # epochs restored from a backup rather than run here
 
 
 def rate_callback(cfg, steps_per_epoch: int):
@@ -110,7 +116,8 @@ def rate_callback(cfg, steps_per_epoch: int):
 
 
 def train(params: Params, prepared, model_path: Path, live=None,
-          verbose: int | str = 2) -> TrainResult:
+          verbose: int | str = 2, backup: Path | None = None,
+          fingerprint: str | None = None) -> TrainResult:
     """Build the net named in params, wrap it for uint8 input, and fit it with the recipe.
 
     Args:
@@ -119,6 +126,8 @@ def train(params: Params, prepared, model_path: Path, live=None,
         model_path: where the best model (by ``train.checkpoint_monitor``) is saved.
         live: an optional ``dvclive.Live`` receiving per-epoch metrics.
         verbose: Keras fit verbosity.
+        backup: a directory for per-epoch backups; a matching backup there is resumed.
+        fingerprint: what a backup must match (:func:`tasks.resume.fingerprint`).
 
     Returns:
         The trained model, its history, the best-checkpoint record, the applied rates and,
@@ -135,11 +144,13 @@ def train(params: Params, prepared, model_path: Path, live=None,
     from tasks.modeling import (
         BestCheckpoint,
         EpochRates,
+        EpochShuffledArrays,
         LiveLogger,
         StopOnNonFinite,
         build_training_model,
     )
     from tasks.preprocess import input_statistics
+    from tasks.resume import EpochSeed, TrainingBackup
     from tasks.schedules import with_cyclic_momentum
 
     cfg = params.train
@@ -169,11 +180,23 @@ def train(params: Params, prepared, model_path: Path, live=None,
     steps_per_epoch = -(-len(prepared.x_train) // cfg.batch_size)
     rates = rate_callback(cfg, steps_per_epoch)
     checkpoint = BestCheckpoint(model_path, cfg.checkpoint_monitor, "train.checkpoint_monitor")
-    callbacks = [rates, checkpoint, StopOnNonFinite()]
+    # epoch e's random draws depend on (seed, e) only, so a resumed run repeats the original
+    callbacks = [EpochSeed(cfg.seed), rates, checkpoint, StopOnNonFinite()]
+    stateful = {"rates": rates, "checkpoint": checkpoint}
     epoch_rates = None
     if cfg.schedule != "one_cycle":
         epoch_rates = EpochRates()
-        callbacks.insert(1, epoch_rates)
+        callbacks.insert(2, epoch_rates)
+        stateful["epoch_rates"] = epoch_rates
+    initial_epoch, saver = 0, None
+    if backup is not None:
+        saver = TrainingBackup(backup, fingerprint or "", stateful, model_path, live)
+        initial_epoch = saver.restore(model)
+        if initial_epoch:
+            step = int(keras.ops.convert_to_numpy(model.optimizer.iterations))
+            print(f"train: resuming from {backup} after epoch {initial_epoch} of {cfg.epochs} "
+                  f"(optimizer step {step})", flush=True)
+        callbacks.append(saver)
     activations = None
     if cfg.activation_stats:
         # a fixed probe batch, measured ~20 times an epoch (see tasks.activations)
@@ -181,17 +204,23 @@ def train(params: Params, prepared, model_path: Path, live=None,
         callbacks.append(activations)
     if live is not None:
         callbacks.append(LiveLogger(live))
+    # epoch e's batch order depends on (seed, e) only, so a resumed run sees the same batches
+    batches = EpochShuffledArrays(prepared.x_train, prepared.y_train, cfg.batch_size, cfg.seed,
+                                  initial_epoch)
     history = model.fit(
-        prepared.x_train, prepared.y_train,
-        batch_size=cfg.batch_size,
+        batches,
         epochs=cfg.epochs,
+        initial_epoch=initial_epoch,
         validation_data=(prepared.x_val, prepared.y_val),
-        shuffle=True,
+        validation_batch_size=cfg.batch_size,
         callbacks=callbacks,
         verbose=verbose,
     )
     applied = epoch_rates.rows if epoch_rates is not None else list(rates.history)
-    return TrainResult(model, history.history, checkpoint, applied, activations)
+    logs = history.history
+    if saver is not None:  # the whole run's history, resumed epochs included
+        logs = {key: [epoch.get(key) for epoch in saver.history] for key in saver.history[0]}
+    return TrainResult(model, logs, checkpoint, applied, activations, saver, initial_epoch)
 
 
 def write_plots(result: TrainResult, out: Path) -> None:
@@ -221,20 +250,24 @@ def write_diagram(model: Any, path: Path) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m tasks.train --data data/prepared --out models --live metrics/train`."""
-    parser = argparse.ArgumentParser(description="Train the net named in params.yaml.")
+    """`python -m tasks.train --model NAME --data data/prepared --out models/NAME --live ...`."""
+    parser = argparse.ArgumentParser(description="Train one of the nets listed in params.yaml.")
+    parser.add_argument("--model", help="one of model.names (default: the first)")
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--live", type=Path, required=True)
     parser.add_argument("--plots", type=Path, required=True)
+    parser.add_argument("--backup", type=Path,
+                        help="per-epoch backup directory; a killed run resumes from it")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = parser.parse_args(argv)
-    params = load_params_or_exit(args.params)
+    params = load_params_or_exit(args.params, args.model)
 
     from dvclive import Live
 
     from tasks.modeling import NonFiniteLossError
     from tasks.preprocess import load_prepared
+    from tasks.resume import fingerprint
 
     prepared = load_prepared(args.data)
     verbose = 1 if sys.stdout.isatty() else 2
@@ -246,13 +279,18 @@ def main(argv: list[str] | None = None) -> int:
     ):
         live = Live(dir=str(live_dir), dvcyaml=None, save_dvc_exp=False, report=None)
         try:
-            result = train(params, prepared, out / "model.keras", live=live, verbose=verbose)
+            result = train(
+                params, prepared, out / "model.keras", live=live, verbose=verbose,
+                backup=args.backup,
+                fingerprint=fingerprint(params.model_dump(mode="json"), args.data / "data.npz"),
+            )
         except ValueError as error:
             # bad model options or monitor keys are configuration errors
             print(f"error: {error}", file=sys.stderr)
             raise SystemExit(2) from None
         except NonFiniteLossError as error:
-            print(f"error: {error}", file=sys.stderr)
+            kept = f"; the backup of the last good epoch is kept in {args.backup}" if args.backup else ""
+            print(f"error: {error}{kept}", file=sys.stderr)
             raise SystemExit(1) from None
         elapsed = time.perf_counter() - started
         checkpoint = result.checkpoint
@@ -263,7 +301,9 @@ def main(argv: list[str] | None = None) -> int:
         live.end()
         meta = run_metadata(params)
         meta["train_images"] = int(len(prepared.x_train))
-        meta["seconds_per_epoch"] = round(elapsed / params.train.epochs, 3)
+        ran = params.train.epochs - result.initial_epoch
+        meta["seconds_per_epoch"] = round(elapsed / ran, 3) if ran else None
+        meta["resumed_after_epoch"] = result.initial_epoch
         write_json(out / "params.json", meta)
         buffer = io.StringIO()
         with contextlib.redirect_stdout(buffer):
@@ -272,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
         skipped = write_diagram(result.model, out / "architecture.png")
         if skipped:
             print(f"train: {skipped}", file=sys.stderr)
+    if result.backup is not None:  # only once the outputs are in place
+        result.backup.complete(params.train.epochs)
     print(
         f"train: {params.model.name}, {params.train.epochs} epoch(s) in {elapsed:.1f} s; best "
         f"{checkpoint.monitor} {checkpoint.best:.4f} at epoch {checkpoint.best_epoch + 1}"

@@ -28,7 +28,11 @@ def test_repository_params_validate():
         ({**VALID, "trian": {}}, ["trian", "unknown key"]),
         ({**VALID, "train": {"epochs": 0}}, ["train.epochs", "= 0", "greater than or equal to 1"]),
         ({**VALID, "train": {"batch_size": "big"}}, ["train.batch_size", "'big'"]),
-        ({**VALID, "model": {"name": "resnet21_v1"}}, ["model.name", "resnet21_v1", "resnet20_v1"]),
+        ({**VALID, "model": {"names": ["resnet21_v1"]}},
+         ["model.names", "resnet21_v1", "resnet20_v1"]),
+        ({**VALID, "model": {"names": ["simple_cnn", "simple_cnn"]}}, ["listed twice"]),
+        ({**VALID, "model": {"names": []}}, ["model.names", "at least 1"]),
+        ({**VALID, "model": {"name": "resnet20_v1"}}, ["model.names", "names: [resnet20_v1]"]),
         ({**VALID, "preprocess": {"validation": "val"}}, ["preprocess.validation", "holdout"]),
         ({**VALID, "train": {"lr_milestones": [80], "lr_gammas": [0.1, 0.1]}},
          ["1 milestone", "lr_gammas has 2", "one gamma per milestone"]),
@@ -86,7 +90,7 @@ def test_validating_params_does_not_import_keras():
 def _with_recipes(train: dict, model: str = "resnet20_v1") -> dict:
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw["train"] = train
-    raw["model"] = {"name": model}
+    raw["model"] = {"names": [model]}
     return raw
 
 
@@ -126,3 +130,13 @@ def test_unknown_recipe_lists_the_defined_ones():
         parse_params(_with_recipes({"recipe": "fast"}))
     assert "train.recipe = 'fast'" in str(error.value)
     assert "book, one_cycle, paper" in str(error.value)
+
+
+def test_each_listed_model_gets_its_own_recipe():
+    raw = {**_with_recipes({"recipe": "paper"}), "model": {"names": ["resnet56_v1", "resnet110_v1"]}}
+    assert parse_params(raw).model.name == "resnet56_v1"  # the first, by default
+    warm = parse_params(raw, model="resnet110_v1")
+    assert warm.model.name == "resnet110_v1" and warm.train.warmup_epochs == 1
+    assert parse_params(raw, model="resnet56_v1").train.warmup_epochs == 0
+    with pytest.raises(ParamsError, match="'resnet20_v1' is not in model.names.*add it"):
+        parse_params(raw, model="resnet20_v1")

@@ -3,7 +3,7 @@
 Slow (minutes on a laptop CPU): run with `pytest -m slow tests/test_full_cifar.py -s`. It goes
 through the real pipeline with the shared archive as an imagefolder source and checks that
 evaluate reports on all 10,000 test images; the epoch time is printed and kept in
-models/params.json.
+models/resnet20_v1/params.json.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ def test_one_epoch_on_all_of_cifar10(tmp_path):
     repo = scratch_repo(tmp_path / "repo", env,
                         {"data.source": str(ARCHIVE), "train.epochs": 1})
     result = run(["dvc", "repro"], repo, env)
-    evaluation = json.loads((repo / "metrics/evaluate.json").read_text())
-    run_info = json.loads((repo / "models/params.json").read_text())
+    evaluation = json.loads((repo / "metrics/evaluate/resnet20_v1.json").read_text())
+    run_info = json.loads((repo / "models/resnet20_v1/params.json").read_text())
     assert run_info["train_images"] == 50_000
     assert evaluation["test"]["images"] == 10_000
     assert evaluation["test"]["accuracy"] > 0.2  # one epoch is far above chance (0.1)

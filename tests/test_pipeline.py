@@ -16,7 +16,9 @@ import pytest
 
 from tests.conftest import run, scratch_repo, set_params, stage_environment
 
-STAGES = ["check-params", "download", "preprocess", "train", "evaluate", "export", "report"]
+NET = "resnet20_v1"
+STAGES = ["check-params", "download", "preprocess", f"train@{NET}", f"evaluate@{NET}",
+          f"export@{NET}", "report"]
 
 
 def _ran_stages(output: str) -> list[str]:
@@ -46,15 +48,17 @@ def repo(tmp_path_factory, env) -> Path:
 
 
 def test_first_run_writes_every_output(repo):
-    for path in ["data/raw/manifest.json", "data/prepared/data.npz", "models/model.keras",
-                 "models/params.json", "metrics/train/metrics.json", "metrics/evaluate.json",
-                 "plots/confusion.csv", "plots/confusion.png", "export/model.keras",
-                 "export/saved_model/saved_model.pb", "export/check.json", "reports/summary.md"]:
+    for path in ["data/raw/manifest.json", "data/prepared/data.npz", f"models/{NET}/model.keras",
+                 f"models/{NET}/params.json", f"metrics/train/{NET}/metrics.json",
+                 f"metrics/evaluate/{NET}.json", f"plots/evaluate/{NET}/confusion.csv",
+                 f"plots/evaluate/{NET}/confusion.png", f"export/{NET}/model.keras",
+                 f"export/{NET}/saved_model/saved_model.pb", f"export/{NET}/check.json",
+                 f"backups/{NET}/complete.json", "reports/summary.md"]:
         assert (repo / path).exists(), path
     if shutil.which("dot"):  # the diagram needs Graphviz (scripts/test-data.sh installs it)
-        assert (repo / "models/architecture.png").stat().st_size > 0
-    assert "stage3_unit3_out" in (repo / "models/summary.txt").read_text()
-    run_info = json.loads((repo / "models/params.json").read_text())
+        assert (repo / f"models/{NET}/architecture.png").stat().st_size > 0
+    assert "stage3_unit3_out" in (repo / f"models/{NET}/summary.txt").read_text()
+    run_info = json.loads((repo / f"models/{NET}/params.json").read_text())
     assert run_info["params"]["train"]["epochs"] == 1
     assert run_info["git_commit"]
 
@@ -70,7 +74,7 @@ def test_dvc_reads_the_metrics(repo, env):
     shown = json.loads(run(["dvc", "metrics", "show", "--json"], repo, env).stdout)
     text = json.dumps(shown)
     assert "test" in text and "accuracy" in text
-    evaluation = json.loads((repo / "metrics/evaluate.json").read_text())
+    evaluation = json.loads((repo / f"metrics/evaluate/{NET}.json").read_text())
     assert 0.0 <= evaluation["test"]["accuracy"] <= 1.0
     assert evaluation["test"]["images"] == 200
     assert len(evaluation["per_class_accuracy"]) == 10
@@ -83,11 +87,11 @@ def test_exports_predict_what_the_trained_model_predicts(repo):
     with np.load(repo / "data/prepared/data.npz") as data:
         images = data["x_test"]
     assert images.dtype == np.uint8
-    trained = keras.saving.load_model(repo / "models/model.keras")
+    trained = keras.saving.load_model(repo / f"models/{NET}/model.keras")
     expected = np.asarray(trained.predict(images, verbose=0))
-    native = keras.saving.load_model(repo / "export/model.keras")
+    native = keras.saving.load_model(repo / f"export/{NET}/model.keras")
     np.testing.assert_allclose(native.predict(images, verbose=0), expected, atol=1e-5)
-    served = tf.saved_model.load(str(repo / "export/saved_model"))
+    served = tf.saved_model.load(str(repo / f"export/{NET}/saved_model"))
     np.testing.assert_allclose(served.serve(tf.constant(images)).numpy(), expected, atol=1e-5)
     assert not any(layer.name.startswith("augment_") for layer in native.layers)
 
@@ -110,6 +114,6 @@ def test_bad_params_stop_repro_before_any_output_is_touched(repo, env):
 def test_a_training_param_reruns_only_train_and_what_follows(repo, env):
     set_params(repo, {"train.batch_size": 64})
     result = run(["dvc", "repro"], repo, env)
-    assert _ran_stages(result.stdout) == ["check-params", "train", "evaluate", "export", "report"]
-    run_info = json.loads((repo / "models/params.json").read_text())
+    assert _ran_stages(result.stdout) == [s for s in STAGES if s not in ("download", "preprocess")]
+    run_info = json.loads((repo / f"models/{NET}/params.json").read_text())
     assert run_info["params"]["train"]["batch_size"] == 64

@@ -29,15 +29,15 @@ def sample_repo(tmp_path_factory, env) -> Path:
 def test_recipe_runs_end_to_end(sample_repo, env, recipe):
     result = run(["dvc", "exp", "run", "-S", f"train.recipe={recipe}", "-S", "train.epochs=2"],
                  sample_repo, env)
-    assert "Running stage 'train'" in result.stdout
-    run_info = json.loads((sample_repo / "models/params.json").read_text())
+    assert "Running stage 'train@resnet20_v1'" in result.stdout
+    run_info = json.loads((sample_repo / "models/resnet20_v1/params.json").read_text())
     train = run_info["params"]["train"]
     assert train["recipe"] == recipe and train["epochs"] == 2
     expected_optimizer = {"book": "adam", "paper": "sgd", "one_cycle": "adam"}[recipe]
     assert train["optimizer"] == expected_optimizer
-    evaluation = json.loads((sample_repo / "metrics/evaluate.json").read_text())
+    evaluation = json.loads((sample_repo / "metrics/evaluate/resnet20_v1.json").read_text())
     assert evaluation["test"]["images"] == 200
-    schedule = (sample_repo / "plots/train/schedule.csv").read_text().splitlines()
+    schedule = (sample_repo / "plots/train/resnet20_v1/schedule.csv").read_text().splitlines()
     assert schedule[0].startswith("step,learning_rate")
     rates = [float(line.split(",")[1]) for line in schedule[1:]]
     if recipe == "paper":
@@ -45,8 +45,8 @@ def test_recipe_runs_end_to_end(sample_repo, env, recipe):
         assert rates == pytest.approx([0.1, 0.01])
     if recipe == "one_cycle":
         assert max(rates) == pytest.approx(0.06, rel=0.02) and rates[-1] < 1e-3
-        assert (sample_repo / "plots/train/colour_dim.png").stat().st_size > 0
-    assert (sample_repo / "export/check.json").exists()
+        assert (sample_repo / "plots/train/resnet20_v1/colour_dim.png").stat().st_size > 0
+    assert (sample_repo / "export/resnet20_v1/check.json").exists()
 
 
 @pytest.fixture(scope="module")
@@ -67,13 +67,13 @@ def fashion_repo(tmp_path_factory, env) -> Path:
     ("model", "recipe", "batch_size"), [("simple_cnn", "one_cycle", 64), ("mnist_cnn", "book", 32)]
 )
 def test_mnist_nets_on_real_fashion_mnist(fashion_repo, env, model, recipe, batch_size):
-    run(["dvc", "exp", "run", "-S", f"model.name={model}", "-S", f"train.recipe={recipe}",
+    run(["dvc", "exp", "run", "-S", f"model.names=[{model}]", "-S", f"train.recipe={recipe}",
          "-S", "train.epochs=1", "-S", f"++train.batch_size={batch_size}"], fashion_repo, env)
-    evaluation = json.loads((fashion_repo / "metrics/evaluate.json").read_text())
+    evaluation = json.loads((fashion_repo / f"metrics/evaluate/{model}.json").read_text())
     accuracy = evaluation["test"]["accuracy"]
     print(f"\n{model} ({recipe}, 1 epoch) on Fashion-MNIST: test accuracy {accuracy:.4f}")
     assert evaluation["test"]["images"] == 10_000
     assert accuracy >= 0.85
     if recipe == "one_cycle":
         for name in ("activation_stats.png", "colour_dim.png", "activations.csv"):
-            assert (fashion_repo / "plots/train" / name).stat().st_size > 0
+            assert (fashion_repo / "plots/train" / model / name).stat().st_size > 0

@@ -1,0 +1,189 @@
+"""The Prefect flows with real parts: a Prefect server on 127.0.0.1, the `gpu` process work pool,
+the deployments of prefect.yaml, real workers, real DVC, in a scratch copy of this repository.
+
+One server and workspace back the module, in order: two on-demand trainings of different
+architectures at once (two workers), a second pipeline run that trains nothing, a cancelled
+run that leaves no process behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import run, scratch_repo, stage_environment
+
+NETS = ["simple_cnn", "resnet20_v1"]
+TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait(predicate, timeout: float, what: str, interval: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def _start(cmd: list[str], cwd: Path, env: dict, log: Path) -> subprocess.Popen:
+    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=open(log, "w"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    """(repo, env): a running server, the gpu pool, prefect.yaml deployed, two workers."""
+    base = tmp_path_factory.mktemp("flows")
+    env = stage_environment()
+    repo = scratch_repo(base / "repo", env, {"train.epochs": 1, "model.names": [NETS[0]]})
+    url = f"http://127.0.0.1:{_free_port()}/api"
+    env.update(PREFECT_HOME=str(base / "prefect-home"), PREFECT_API_URL=url,
+               PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_ENABLED="false",
+               DEEPNETS_ROOT=str(repo))
+    port = url.rsplit(":", 1)[1].split("/")[0]
+    processes = [_start([sys.executable, "-m", "prefect", "server", "start", "--host",
+                         "127.0.0.1", "--port", port], base, env, base / "server.log")]
+    try:
+        def healthy() -> bool:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                    return response.status == 200
+            except OSError:
+                return False
+
+        _wait(healthy, 120, "the Prefect server")
+        run(["prefect", "work-pool", "create", "gpu", "--type", "process"], repo, env)
+        run(["prefect", "--no-prompt", "deploy", "--all"], repo, env)
+        for index in range(2):  # two workers, one flow run each at a time
+            processes.append(_start(["prefect", "worker", "start", "--pool", "gpu", "--limit", "1"],
+                                    repo, env, base / f"worker{index}.log"))
+        yield repo, env
+    finally:
+        for process in reversed(processes):
+            _stop(process)
+
+
+def _client_call(env: dict, code: str) -> object:
+    """Run ``code`` (sync Prefect client as ``c``; it sets ``result``) in a subprocess."""
+    script = (
+        "import json\n"
+        "from prefect.client.orchestration import get_client\n"
+        "with get_client(sync_client=True) as c:\n"
+        + "".join(f"    {line}\n" for line in code.strip().splitlines())
+        + "print('RESULT=' + json.dumps(result, default=str))\n"
+    )
+    output = run([sys.executable, "-c", script], Path.cwd(), env).stdout
+    return json.loads(output.split("RESULT=", 1)[1])
+
+
+def _trigger(env: dict, deployment: str, parameters: dict) -> str:
+    return _client_call(env, f"""
+deployment = c.read_deployment_by_name({deployment!r})
+result = str(c.create_flow_run_from_deployment(deployment.id, parameters={parameters!r}).id)
+""")
+
+
+def _state(env: dict, flow_run: str) -> str:
+    return _client_call(env, f"result = c.read_flow_run({flow_run!r}).state.type.value")
+
+
+def _artifacts(env: dict, flow_run: str) -> dict[str, object]:
+    return _client_call(env, f"""
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+from uuid import UUID
+found = c.read_artifacts(artifact_filter=ArtifactFilter(
+    flow_run_id=ArtifactFilterFlowRunId(any_=[UUID({flow_run!r})])))
+result = {{a.key: a.data for a in found}}
+""")
+
+
+def _processes_of(flow_run: str) -> list[int]:
+    """PIDs whose environment names the flow run (the flow process and everything it started)."""
+    marker = f"PREFECT__FLOW_RUN_ID={flow_run}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if marker in (entry / "environ").read_bytes().split(b"\0"):
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def test_two_on_demand_trainings_at_once_then_a_rerun_that_trains_nothing(stack):
+    repo, env = stack
+    runs = {net: _trigger(env, "deepnets-train/train-on-demand", {"model": net}) for net in NETS}
+    states = {net: _wait(lambda r=r: (s := _state(env, r)) in TERMINAL and s, 900,
+                         f"flow run of {net}", interval=2) for net, r in runs.items()}
+    assert states == dict.fromkeys(NETS, "COMPLETED"), states
+
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    for net in NETS:
+        for stage in ("train", "evaluate", "export"):
+            assert f"{stage}@{net}" in lock, f"{stage}@{net} missing from dvc.lock"
+        assert (repo / f"metrics/evaluate/{net}.json").exists()
+        artifacts = _artifacts(env, runs[net])
+        table = artifacts["deepnets-results"]
+        rows = json.loads(table) if isinstance(table, str) else table
+        assert [row["model"] for row in rows] == [net] and rows[0]["this_run"] == "trained"
+        assert 0 <= rows[0]["test_accuracy"] <= 100
+        assert f"plots/evaluate/{net}/confusion.png" in artifacts["deepnets-links"]
+    assert yaml.safe_load((repo / "params.yaml").read_text())["model"]["names"] == NETS
+    # dvc.lock is valid and matches the workspace: DVC has nothing to do
+    assert json.loads(run(["dvc", "status", "--json"], repo, env).stdout or "{}") == {}
+
+    lock_before = (repo / "dvc.lock").read_text()
+    started = time.perf_counter()
+    rerun = run([sys.executable, "-c", "from flows.pipeline import pipeline; "
+                 "print('TRAINED=' + repr(pipeline()))"], repo, env)
+    print(f"\nno-op pipeline flow: {time.perf_counter() - started:.1f} s (process included)")
+    assert "TRAINED={'simple_cnn': 'skipped', 'resnet20_v1': 'skipped'}" in rerun.stdout
+    assert "Running stage" not in rerun.stdout + rerun.stderr
+    assert (repo / "dvc.lock").read_text() == lock_before
+
+
+def test_cancelling_a_run_ends_its_whole_process_tree(stack):
+    repo, env = stack
+    flow_run = _trigger(env, "deepnets-train/train-on-demand",
+                        {"model": NETS[0], "params": {"train.epochs": 40}})
+
+    def training_started() -> list[int]:
+        pids = _processes_of(flow_run)
+        return [p for p in pids if b"tasks.train" in Path(f"/proc/{p}/cmdline").read_bytes()]
+
+    training = _wait(training_started, 300, "the training process")
+    run(["prefect", "flow-run", "cancel", flow_run], repo, env)
+    _wait(lambda: _state(env, flow_run) == "CANCELLED", 120, "the run to be cancelled", 1)
+    _wait(lambda: not _processes_of(flow_run), 30, "every process of the run to end")
+    assert not any(Path(f"/proc/{pid}").exists() for pid in training)
+    # nothing half-written: the previous model stays, dvc.lock still describes it
+    assert (repo / f"models/{NETS[0]}/model.keras").exists()
