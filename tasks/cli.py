@@ -3,6 +3,7 @@
     deepnets params [FILE]   validate params.yaml and print the resolved values (exit 2 if bad)
     deepnets models          list the registered networks
     deepnets report          print the last run's report (reports/summary.md)
+    deepnets compare [REV..] tabulate results across commits, tags, branches, experiments
 """
 
 from __future__ import annotations
@@ -37,6 +38,11 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["compare"]:  # its own parser (flows.compare)
+        from flows.compare import main as compare
+
+        return compare(argv[1:])
     parser = argparse.ArgumentParser(prog="deepnets", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     params = commands.add_parser("params", help="validate params.yaml and print it resolved")
@@ -46,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     report = commands.add_parser("report", help="print the last run's report")
     report.add_argument("file", nargs="?", default="reports/summary.md")
     report.set_defaults(run=_report)
+    commands.add_parser("compare", help="tabulate results across revisions (see --help)")
     args = parser.parse_args(argv)
     return args.run(args)
 

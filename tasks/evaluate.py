@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from tasks.config import load_params_or_exit
-from tasks.io import write_csv, write_json
+from tasks.io import read_json, write_csv, write_json
 
 
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
@@ -97,6 +97,15 @@ def main(argv: list[str] | None = None) -> int:
     y_true = np.asarray(prepared.y_test)
     result = summarize(probs, y_true, prepared.class_names)
     result["model"] = params.model.name
+    record = args.model.parent / "params.json"  # what produced this model, from its run record
+    if record.exists():
+        run = read_json(record)
+        result["trained"] = {
+            "epochs": run["params"]["train"]["epochs"],
+            "recipe": run["params"]["train"]["recipe"],
+            "dataset": run["params"]["data"]["dataset"],
+            "git_commit": run.get("git_commit"),
+        }
 
     names = np.asarray(prepared.class_names)
     pairs = zip(names[y_true], names[probs.argmax(axis=1)], strict=True)

@@ -55,8 +55,9 @@ def git_commit() -> str | None:
             ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
         ).stdout.strip()
         dirty = subprocess.run(
-            # dvc.lock is rewritten by the run itself; it does not make the code dirty
-            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!dvc.lock"],
+            # dvc.lock, metrics and plots are rewritten by runs; they do not make the code dirty
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!dvc.lock",
+             ":!metrics", ":!plots"],
             capture_output=True, text=True, check=True,
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):

@@ -171,6 +171,42 @@ def test_two_on_demand_trainings_at_once_then_a_rerun_that_trains_nothing(stack)
     assert (repo / "dvc.lock").read_text() == lock_before
 
 
+def test_compare_tabulates_two_commits_and_publishes_the_table(stack):
+    repo, env = stack
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    run(git + ["add", "-A"], repo, env)
+    run(git + ["commit", "-qm", "first results"], repo, env)
+    run(git + ["tag", "first"], repo, env)
+    # a second commit: simple_cnn trained for 2 epochs instead of 1, resnet20_v1 as it was
+    run([sys.executable, "-c", "from flows.pipeline import pipeline; "
+         "pipeline(models=['simple_cnn'], params={'train.epochs': 2})"], repo, env)
+    run(git + ["add", "-A"], repo, env)
+    run(git + ["commit", "-qm", "two epochs"], repo, env)
+
+    result = run([sys.executable, "-m", "tasks.cli", "compare", "first", "HEAD", "--artifact"],
+                 repo, env)
+    import pandas as pd
+
+    frame = pd.read_csv(repo / "reports/compare/comparison.csv")
+    assert len(frame) == 4 and set(frame["model"]) == set(NETS)
+    epochs = {(r.revision, r.model): r.epochs for r in frame.itertuples()}
+    head = next(label for label in frame["revision"] if label != "first")
+    assert epochs[("first", "simple_cnn")] == 1 and epochs[(head, "simple_cnn")] == 2
+    assert epochs[(head, "resnet20_v1")] == 1
+    evaluated = json.loads((repo / "metrics/evaluate/simple_cnn.json").read_text())
+    row = frame[(frame.revision == head) & (frame.model == "simple_cnn")].iloc[0]
+    assert row.test_accuracy == round(100 * evaluated["test"]["accuracy"], 2)
+    first = frame[(frame.revision == "first") & (frame.model == "simple_cnn")].iloc[0]
+    assert row.vs_first == pytest.approx(row.test_accuracy - first.test_accuracy, abs=0.011)
+    assert frame[frame.model == "resnet20_v1"]["book"].tolist() == [92.16, 92.16]
+    assert "| first" in (repo / "reports/compare/comparison.md").read_text()
+    assert "published" in result.stdout
+    table = _client_call(env, """
+result = [a.data for a in c.read_artifacts() if a.key == "deepnets-comparison"]
+""")
+    assert table and "simple_cnn" in json.dumps(table[-1])
+
+
 def test_cancelling_a_run_ends_its_whole_process_tree(stack):
     repo, env = stack
     flow_run = _trigger(env, "deepnets-train/train-on-demand",
