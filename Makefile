@@ -14,7 +14,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 export TF_CPP_MIN_LOG_LEVEL ?= 3
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: demo test lint install clean-run
+.PHONY: demo test lint install clean-run prefect-up prefect-down
 
 install: $(STAMP)
 
@@ -42,6 +42,14 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check nets tasks flows tests scripts benchmarks
 
+# a local Prefect server, the gpu pool, the deployments of prefect.yaml and a worker
+# (docs/orchestration.md); prefect-down stops them
+prefect-up: $(STAMP)
+	bash scripts/prefect-up.sh --worker
+
+prefect-down:
+	bash scripts/prefect-up.sh --down
+
 # remove everything the pipeline wrote (the DVC cache stays, so a rerun restores from it)
 clean-run:
-	rm -rf data models metrics plots export reports
+	rm -rf data models metrics plots export reports backups

@@ -1,5 +1,9 @@
-"""Prefect orchestration over the DVC stages.
+"""Prefect orchestration of the DVC pipeline.
 
-Not built yet: the pipeline runs with `dvc repro` today. The flows (pipeline flow, GPU work
-pool, scheduled deployments) will live here and only order and route the stages in `tasks/`.
+    flows.pipeline   the pipeline and on-demand training flows (deployed by prefect.yaml)
+    flows.workspace  every DVC call and params.yaml edit under one workspace lock
+    flows.compare    `deepnets compare`: results across commits, tags and experiments
+    flows.setup      the server-side automation that marks dead runs as crashed
+
+See docs/orchestration.md.
 """

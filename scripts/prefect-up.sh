@@ -21,8 +21,8 @@ while [ $# -gt 0 ]; do
   shift
 done
 BIN="$(pwd)/.venv/bin"
-[ -x "$BIN/prefect" ] || { echo "no .venv: run 'make install' first" >&2; exit 1; }
-export PATH="$BIN:$PATH"
+[ -x "$BIN/prefect" ] && export PATH="$BIN:$PATH"
+command -v prefect >/dev/null || { echo "prefect is not installed: run 'make install' first" >&2; exit 1; }
 export PREFECT_HOME="$(pwd)/.prefect"
 export PREFECT_API_URL="http://127.0.0.1:${PORT}/api"
 export DEEPNETS_ROOT="$(pwd)"
@@ -39,20 +39,25 @@ if [ "$DOWN" = 1 ]; then
   exit 0
 fi
 
-if ! curl -sf "$PREFECT_API_URL/health" >/dev/null; then
-  nohup prefect server start --host 127.0.0.1 --port "$PORT" >"$PREFECT_HOME/server.log" 2>&1 &
+healthy() {
+  python -c "import sys, urllib.request as u; sys.exit(u.urlopen(sys.argv[1], timeout=2).status != 200)" \
+    "$PREFECT_API_URL/health" 2>/dev/null
+}
+if ! healthy; then
+  PREFECT_SERVER_ANALYTICS_ENABLED=false nohup prefect server start --host 127.0.0.1 --port "$PORT" >"$PREFECT_HOME/server.log" 2>&1 &
   echo $! >"$PREFECT_HOME/server.pid"
   for _ in $(seq 120); do
-    curl -sf "$PREFECT_API_URL/health" >/dev/null && break
+    healthy && break
     sleep 1
   done
-  curl -sf "$PREFECT_API_URL/health" >/dev/null || {
+  healthy || {
     echo "the Prefect server did not start; see $PREFECT_HOME/server.log" >&2; exit 1; }
 fi
 echo "server: $PREFECT_API_URL (UI at http://127.0.0.1:${PORT})"
 
 prefect work-pool inspect gpu >/dev/null 2>&1 || prefect work-pool create gpu --type process
 prefect --no-prompt deploy --all
+python -m flows.setup   # marks runs whose worker died as Crashed (heartbeats stop)
 if [ "$WORKER" = 1 ]; then
   # --limit 1: one flow run (so one training) at a time on this worker's GPU
   nohup prefect worker start --pool gpu --limit 1 >"$PREFECT_HOME/worker.log" 2>&1 &

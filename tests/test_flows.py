@@ -15,7 +15,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -64,24 +63,14 @@ def stack(tmp_path_factory):
     base = tmp_path_factory.mktemp("flows")
     env = stage_environment()
     repo = scratch_repo(base / "repo", env, {"train.epochs": 1, "model.names": [NETS[0]]})
-    url = f"http://127.0.0.1:{_free_port()}/api"
-    env.update(PREFECT_HOME=str(base / "prefect-home"), PREFECT_API_URL=url,
-               PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_ENABLED="false",
-               DEEPNETS_ROOT=str(repo))
-    port = url.rsplit(":", 1)[1].split("/")[0]
-    processes = [_start([sys.executable, "-m", "prefect", "server", "start", "--host",
-                         "127.0.0.1", "--port", port], base, env, base / "server.log")]
+    port = _free_port()
+    env.update(PREFECT_API_URL=f"http://127.0.0.1:{port}/api", DEEPNETS_ROOT=str(repo))
+    processes = []
     try:
-        def healthy() -> bool:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                    return response.status == 200
-            except OSError:
-                return False
-
-        _wait(healthy, 120, "the Prefect server")
-        run(["prefect", "work-pool", "create", "gpu", "--type", "process"], repo, env)
-        run(["prefect", "--no-prompt", "deploy", "--all"], repo, env)
+        # the README's one command: server, gpu pool, deployments, crash automation
+        up = run(["bash", "scripts/prefect-up.sh", "--port", str(port)], repo, env)
+        assert "server: http://127.0.0.1" in up.stdout
+        env["PREFECT_HOME"] = str(repo / ".prefect")
         for index in range(2):  # two workers, one flow run each at a time
             processes.append(_start(["prefect", "worker", "start", "--pool", "gpu", "--limit", "1"],
                                     repo, env, base / f"worker{index}.log"))
@@ -89,6 +78,8 @@ def stack(tmp_path_factory):
     finally:
         for process in reversed(processes):
             _stop(process)
+        run(["bash", "scripts/prefect-up.sh", "--port", str(port), "--down"], repo, env,
+            check=False)
 
 
 def _client_call(env: dict, code: str) -> object:
@@ -223,3 +214,30 @@ def test_cancelling_a_run_ends_its_whole_process_tree(stack):
     assert not any(Path(f"/proc/{pid}").exists() for pid in training)
     # nothing half-written: the previous model stays, dvc.lock still describes it
     assert (repo / f"models/{NETS[0]}/model.keras").exists()
+
+
+@pytest.mark.slow  # waits out a heartbeat window (90 s): about 4 minutes
+def test_a_dead_worker_leaves_the_run_crashed_and_a_rerun_resumes_training(stack):
+    repo, env = stack
+    params = {"train.epochs": 6, "train.batch_size": 16}
+    flow_run = _trigger(env, "deepnets-train/train-on-demand",
+                        {"model": NETS[0], "params": params})
+    state = repo / f"backups/{NETS[0]}/current/state.json"
+    _wait(state.exists, 600, "the first epoch's backup")
+    # the machine dies: the worker that runs the flow, the flow run and its training
+    flow_pids = _processes_of(flow_run)
+    parents = {int(Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[1])
+               for pid in flow_pids}
+    for pid in set(flow_pids) | (parents - set(flow_pids)):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    completed = json.loads(state.read_text())["epoch"]
+    assert completed >= 1
+    _wait(lambda: _state(env, flow_run) == "CRASHED", 300, "the run to be marked crashed", 2)
+    rerun = _trigger(env, "deepnets-train/train-on-demand", {"model": NETS[0], "params": params})
+    _wait(lambda: _state(env, rerun) in TERMINAL, 900, "the rerun", 2)
+    assert _state(env, rerun) == "COMPLETED"
+    record = json.loads((repo / f"models/{NETS[0]}/params.json").read_text())
+    assert record["resumed_after_epoch"] >= completed

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run, scratch_repo, stage_environment
+from tests.conftest import run, scratch_repo, set_params, stage_environment
 
 EPOCHS = 3
 # simple_cnn: 32 steps of 32 images an epoch on the 1,000-image sample (a few seconds each).
@@ -102,3 +102,22 @@ def test_sigkill_mid_epoch_then_restart_continues_exactly(repo, env):
     assert record["resumed_after_epoch"] == 1
     # a finished run leaves only the completion marker in its backup directory
     assert [p.name for p in backup.iterdir()] == ["complete.json"]
+
+
+def test_a_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_backup(repo, env):
+    # epoch 1 trains normally; from epoch 2 the rate is 1e30 and the loss blows up
+    lock = (repo / "dvc.lock").read_text()
+    original = (repo / "params.yaml").read_text()
+    set_params(repo, {"train.lr_gammas": [1e33]})
+    try:
+        result = run(["dvc", "repro", "--single-item", "train@simple_cnn"], repo, env, check=False)
+    finally:
+        (repo / "params.yaml").write_text(original)
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert "the training loss became nan" in output.lower()
+    assert "lower train.learning_rate" in output
+    assert "backup of the last good epoch is kept in backups/simple_cnn" in output
+    assert _backup_epoch(repo / "backups/simple_cnn") == 1
+    assert not (repo / "models/simple_cnn").exists()  # no model that evaluate could take
+    assert (repo / "dvc.lock").read_text() == lock  # DVC recorded nothing
