@@ -105,7 +105,8 @@ def test_sigkill_mid_epoch_then_restart_continues_exactly(repo, env):
 
 
 def test_a_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_backup(repo, env):
-    # epoch 1 trains normally; from epoch 2 the rate is 1e30 and the loss blows up
+    # epochs 1 and 2 train normally; after the milestone (2 epochs) the rate is 1e30 and the
+    # loss blows up in epoch 3
     lock = (repo / "dvc.lock").read_text()
     original = (repo / "params.yaml").read_text()
     set_params(repo, {"train.lr_gammas": [1e33]})
@@ -118,6 +119,6 @@ def test_a_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_backup(repo
     assert "the training loss became nan" in output.lower()
     assert "lower train.learning_rate" in output
     assert "backup of the last good epoch is kept in backups/simple_cnn" in output
-    assert _backup_epoch(repo / "backups/simple_cnn") == 1
+    assert _backup_epoch(repo / "backups/simple_cnn") == 2  # the last good epoch
     assert not (repo / "models/simple_cnn").exists()  # no model that evaluate could take
     assert (repo / "dvc.lock").read_text() == lock  # DVC recorded nothing
