@@ -18,7 +18,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tasks.references import reference_for
+from tasks.io import write_text
+from tasks.references import compared
 
 COLUMNS = ["revision", "model", "dataset", "recipe", "epochs", "test_accuracy", "book",
            "vs_book", "paper", "vs_paper", "vs_first"]
@@ -72,15 +73,9 @@ def rows_from(shown: list[dict[str, Any]], experiments: bool = False) -> list[di
             trained = found["data"].get("trained") or {}
             dataset = trained.get("dataset", (params.get("data") or {}).get("dataset"))
             train = {**(params.get("train") or {}), **trained}
-            refs = reference_for(model)
-            row = {"revision": label, "model": model, "dataset": dataset,
-                   "recipe": train.get("recipe"), "epochs": train.get("epochs"),
-                   "test_accuracy": accuracy}
-            for key in ("book", "paper"):
-                row[key] = refs.get(key)
-                row[f"vs_{key}"] = (round(accuracy - refs[key], 2)
-                                    if refs.get(key) is not None and dataset == "cifar10" else None)
-            rows.append(row)
+            rows.append({"revision": label, "model": model, "dataset": dataset,
+                         "recipe": train.get("recipe"), "epochs": train.get("epochs"),
+                         "test_accuracy": accuracy, **compared(model, accuracy, dataset)})
     return rows
 
 
@@ -98,14 +93,10 @@ def table(rows: list[dict[str, Any]]):
 
 def write(frame, out: Path) -> tuple[Path, Path]:
     """comparison.md and comparison.csv under ``out`` (each written to a temp file, renamed)."""
-    out.mkdir(parents=True, exist_ok=True)
-    paths = out / "comparison.md", out / "comparison.csv"
-    for path, text in zip(paths, (frame.to_markdown(index=False, missingval="–") + "\n",
-                                  frame.to_csv(index=False)), strict=True):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
-    return paths
+    markdown, csv = out / "comparison.md", out / "comparison.csv"
+    write_text(markdown, frame.to_markdown(index=False, missingval="–") + "\n")
+    write_text(csv, frame.to_csv(index=False))
+    return markdown, csv
 
 
 def publish(frame) -> None:

@@ -33,13 +33,18 @@ def atomic_dir(out: Path) -> Iterator[Path]:
     os.replace(tmp, out)
 
 
-def write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically (temp file, then rename), with sorted keys for stable diffs."""
+def write_text(path: Path, text: str) -> None:
+    """Write text atomically (temp file, then rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON atomically (temp file, then rename), with sorted keys for stable diffs."""
+    write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]], fieldnames: list[str] | None = None) -> None:

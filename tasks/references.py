@@ -21,3 +21,19 @@ REFERENCES: dict[str, dict[str, float | None]] = {
 def reference_for(model: str) -> dict[str, float | None]:
     """The book's and the paper's CIFAR-10 accuracy for ``model`` (None where not published)."""
     return REFERENCES.get(model, {"book": None, "paper": None})
+
+
+def compared(model: str, accuracy: float, dataset: str | None) -> dict[str, float | None]:
+    """The book's and the paper's numbers for ``model`` and ``accuracy`` minus each (points).
+
+    Differences are given for CIFAR-10 runs only; other data compares with nothing published.
+    """
+    refs = reference_for(model)
+    columns: dict[str, float | None] = {}
+    for key in ("book", "paper"):
+        value = refs.get(key)
+        columns[key] = value
+        columns[f"vs_{key}"] = (
+            round(accuracy - value, 2) if value is not None and dataset == "cifar10" else None
+        )
+    return columns

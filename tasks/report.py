@@ -8,13 +8,12 @@ where everything is.
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 from typing import Any
 
 from tasks.config import load_params_or_exit
-from tasks.io import read_json
-from tasks.references import reference_for
+from tasks.io import read_json, write_text
+from tasks.references import compared
 
 
 def outputs(name: str) -> dict[str, str]:
@@ -57,19 +56,13 @@ def result_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for result in results:
         run, params = result["run"], result["run"]["params"]
         ours = round(100 * result["evaluation"]["test"]["accuracy"], 2)
-        refs = reference_for(result["name"])
         row: dict[str, Any] = {
             "model": result["name"],
             "dataset": params["data"]["dataset"],
             "epochs": params["train"]["epochs"],
             "test_accuracy": ours,
+            **compared(result["name"], ours, params["data"]["dataset"]),
         }
-        for key in ("book", "paper"):
-            value = refs.get(key)
-            row[key] = value
-            row[f"vs_{key}"] = (
-                round(ours - value, 2) if value is not None and comparable(run) else None
-            )
         row["seconds_per_epoch"] = run.get("seconds_per_epoch")
         row["commit"] = run.get("git_commit")
         rows.append(row)
@@ -159,10 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     loaded = {name: load_result(name) for name in names}
     results = [result for result in loaded.values() if result is not None]
     text = render(results, [name for name, result in loaded.items() if result is None])
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(f"{args.out.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, args.out)
+    write_text(args.out, text)
     if args.print:
         print(text, end="")
     return 0
