@@ -164,6 +164,7 @@ def densenet_bc(
     x = keras.layers.AveragePooling2D(pool_size=tuple(x.shape[1:3]), name="head_pool")(x)
     x = keras.layers.Flatten(name="head_flatten")(x)
     outputs = keras.layers.Dense(
-        num_classes, activation="softmax", kernel_initializer="he_normal", name="predictions"
+        num_classes, activation="softmax", kernel_initializer="he_normal", name="predictions",
+        dtype="float32",  # the softmax in float32 under mixed precision too
     )(x)
     return keras.Model(inputs, outputs, name=name)

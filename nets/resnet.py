@@ -173,7 +173,8 @@ def resnet_v1(
     x = keras.layers.AveragePooling2D(pool_size=pool_size, name="head_pool")(x)
     x = keras.layers.Flatten(name="head_flatten")(x)
     outputs = keras.layers.Dense(
-        num_classes, activation="softmax", kernel_initializer="he_normal", name="predictions"
+        num_classes, activation="softmax", kernel_initializer="he_normal", name="predictions",
+        dtype="float32",  # the softmax in float32 under mixed precision too
     )(x)
     return keras.Model(inputs, outputs, name=name)
 
@@ -284,6 +285,7 @@ def resnet_v2(
     x = keras.layers.AveragePooling2D(pool_size=pool_size, name="head_pool")(x)
     x = keras.layers.Flatten(name="head_flatten")(x)
     outputs = keras.layers.Dense(
-        num_classes, activation="softmax", kernel_initializer="he_normal", name="predictions"
+        num_classes, activation="softmax", kernel_initializer="he_normal", name="predictions",
+        dtype="float32",  # the softmax in float32 under mixed precision too
     )(x)
     return keras.Model(inputs, outputs, name=name)

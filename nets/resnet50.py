@@ -143,6 +143,7 @@ def resnet50(
     x = keras.layers.AveragePooling2D(pool_size=tuple(x.shape[1:3]), name="avg_pool")(x)
     x = keras.layers.Flatten(name="flatten")(x)
     outputs = keras.layers.Dense(
-        num_classes, activation="softmax", kernel_initializer="glorot_uniform", name="predictions"
+        num_classes, activation="softmax", kernel_initializer="glorot_uniform", name="predictions",
+        dtype="float32",  # the softmax in float32 under mixed precision too
     )(x)
     return keras.Model(inputs, outputs, name=name)

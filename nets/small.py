@@ -89,7 +89,8 @@ def mnist_cnn(
             x = keras.layers.MaxPooling2D(name=f"pool{index}")(x)
     x = keras.layers.Flatten(name="flatten")(x)
     x = keras.layers.Dropout(dropout, name="dropout")(x)
-    outputs = keras.layers.Dense(num_classes, activation="softmax", name="predictions")(x)
+    outputs = keras.layers.Dense(num_classes, activation="softmax", name="predictions",
+                                 dtype="float32")(x)
     return keras.Model(inputs, outputs, name=name)
 
 
@@ -185,7 +186,8 @@ def ynet(
     x = keras.layers.Concatenate(name="concat")([left, right])
     x = keras.layers.Flatten(name="flatten")(x)
     x = keras.layers.Dropout(dropout, name="dropout")(x)
-    outputs = keras.layers.Dense(num_classes, activation="softmax", name="predictions")(x)
+    outputs = keras.layers.Dense(num_classes, activation="softmax", name="predictions",
+                                 dtype="float32")(x)
     return keras.Model(inputs, outputs, name=name)
 
 
@@ -272,5 +274,5 @@ def simple_cnn(
             name=f"conv{index}",
         )
     x = keras.layers.Flatten(name="flatten")(x)
-    outputs = keras.layers.Activation("softmax", name="predictions")(x)
+    outputs = keras.layers.Activation("softmax", name="predictions", dtype="float32")(x)
     return keras.Model(inputs, outputs, name=name)

@@ -190,6 +190,19 @@ class EvaluateParams(_Section):
     batch_size: Annotated[int, Field(ge=1)] = 256
 
 
+class SpeedParams(_Section):
+    """How the training arithmetic runs (tasks.speed); none of it changes the recipe."""
+
+    # auto: mixed_bfloat16 on a GPU of compute capability >= 8.0 or a CPU with AMX/AVX512-BF16,
+    # float32 elsewhere
+    precision: Literal["auto", "float32", "mixed_bfloat16", "mixed_float16"] = "auto"
+    # XLA compilation of the train step; auto: Keras' choice (XLA on GPUs and under JAX)
+    jit_compile: Literal["auto"] | bool = "auto"
+    steps_per_execution: Annotated[int, Field(ge=1)] = 1
+    # intra-op CPU threads for TensorFlow; null: all cores
+    threads: Annotated[int, Field(ge=1)] | None = None
+
+
 class Params(_Section):
     """The whole of params.yaml."""
 
@@ -200,6 +213,7 @@ class Params(_Section):
     recipes: dict[str, dict[str, Any]] = Field(default_factory=dict)
     train: TrainParams = Field(default_factory=TrainParams)
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
+    speed: SpeedParams = Field(default_factory=SpeedParams)
 
 
 class ParamsError(ValueError):

@@ -45,12 +45,84 @@ def input_layers(mean: np.ndarray, std: np.ndarray) -> list[keras.layers.Layer]:
     """
     mean = np.asarray(mean, np.float32)
     axis = tuple(range(-mean.ndim, 0)) if mean.ndim > 1 else -1
+    # float32 whatever the dtype policy: under mixed precision the net casts after them
     return [
-        keras.layers.Rescaling(1.0 / 255.0, name="scale"),
+        keras.layers.Rescaling(1.0 / 255.0, name="scale", dtype="float32"),
         keras.layers.Normalization(
-            axis=axis, mean=mean, variance=np.square(np.asarray(std, np.float32)), name="normalize"
+            axis=axis, mean=mean, variance=np.square(np.asarray(std, np.float32)),
+            name="normalize", dtype="float32",
         ),
     ]
+
+
+@keras.saving.register_keras_serializable(package="deepnets")
+class RandomShift(keras.layers.Layer):
+    """Translate each image of a batch by its own random offset (training only).
+
+    The shift is two small matrix products per image, ``rows @ image @ cols``, whose matrices
+    hold the interpolation weights; that is the same on every backend and compiles with XLA
+    (Keras' RandomTranslation does not, so a model holding it runs without XLA).
+
+    Args:
+        max_rows, max_cols: the largest shift in pixels along each axis.
+        fill: ``"nearest"`` repeats the edge pixels; ``"zero"`` fills with zeros.
+        interpolation: ``"bilinear"`` draws shifts uniformly in [-max, max];
+            ``"whole_pixels"`` draws integers uniformly in [-max, max] (a pad-and-crop).
+        seed: seed of the layer's generator (reseeded every epoch by tasks.resume.EpochSeed).
+    """
+
+    def __init__(self, max_rows: float, max_cols: float, *, fill: str = "nearest",
+                 interpolation: str = "bilinear", seed: int | None = None, **kwargs):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        if fill not in ("nearest", "zero"):
+            raise ValueError(f"RandomShift fill must be 'nearest' or 'zero', got {fill!r}")
+        if interpolation not in ("bilinear", "whole_pixels"):
+            raise ValueError("RandomShift interpolation must be 'bilinear' or 'whole_pixels', "
+                             f"got {interpolation!r}")
+        self.max_rows, self.max_cols = float(max_rows), float(max_cols)
+        self.fill, self.interpolation, self.seed = fill, interpolation, seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def _weights(self, shifts, size: int):
+        """(batch, size, size) matrices: output pixel i takes input pixel i - shift."""
+        ops = keras.ops
+        source = ops.arange(size, dtype="float32")[None, :] - shifts[:, None]  # (batch, size)
+        low = ops.floor(source)
+        frac = source - low
+        if self.fill == "nearest":
+            clip = lambda v: ops.clip(v, 0.0, size - 1.0)  # noqa: E731
+            low, high = clip(low), clip(low + 1.0)
+        else:
+            high = low + 1.0  # a source outside the image matches no column: zero
+        columns = ops.arange(size, dtype="float32")[None, None, :]
+        return (ops.cast(ops.equal(low[:, :, None], columns), "float32") * (1.0 - frac)[:, :, None]
+                + ops.cast(ops.equal(high[:, :, None], columns), "float32") * frac[:, :, None])
+
+    def _draw(self, batch, largest: float):
+        if self.interpolation == "whole_pixels":
+            span = 2 * int(round(largest)) + 1
+            drawn = keras.random.randint((batch,), 0, span, seed=self.seed_generator)
+            return keras.ops.cast(drawn, "float32") - float(int(round(largest)))
+        return keras.random.uniform((batch,), -largest, largest, seed=self.seed_generator)
+
+    def call(self, images, training=None):
+        if not training:
+            return images
+        ops = keras.ops
+        batch = ops.shape(images)[0]
+        height, width = images.shape[1], images.shape[2]
+        rows = self._weights(self._draw(batch, self.max_rows), height)
+        cols = self._weights(self._draw(batch, self.max_cols), width)
+        shifted = ops.einsum("bij,bjwc->biwc", rows, images)
+        return ops.einsum("bkw,biwc->bikc", cols, shifted)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "max_rows": self.max_rows, "max_cols": self.max_cols,
+                "fill": self.fill, "interpolation": self.interpolation, "seed": self.seed}
 
 
 def build_training_model(
@@ -74,19 +146,19 @@ def build_training_model(
     for layer in input_layers(mean, std):
         x = layer(x)
     if shift > 0:
-        x = keras.layers.RandomTranslation(
-            shift, shift, fill_mode="nearest", seed=seed, name=f"{AUGMENT_PREFIX}shift"
-        )(x)
+        # the book's ImageDataGenerator(width/height_shift_range=shift): a uniform shift of up
+        # to shift * size pixels, bilinear, edges filled with the nearest pixel
+        height, width = net.input_shape[1:3]
+        x = RandomShift(shift * height, shift * width, fill="nearest", interpolation="bilinear",
+                        seed=seed, name=f"{AUGMENT_PREFIX}shift")(x)
     if crop_pad > 0:
         # the paper's "pad by 4, take a random 32x32 crop": a whole-pixel shift of up to crop_pad
         # pixels with zero fill, zero being the mean once normalised
-        height, width = net.input_shape[1:3]
-        x = keras.layers.RandomTranslation(
-            crop_pad / height, crop_pad / width, fill_mode="constant", fill_value=0.0,
-            interpolation="nearest", seed=seed, name=f"{AUGMENT_PREFIX}crop",
-        )(x)
+        x = RandomShift(crop_pad, crop_pad, fill="zero", interpolation="whole_pixels",
+                        seed=seed, name=f"{AUGMENT_PREFIX}crop")(x)
     if flip:
-        x = keras.layers.RandomFlip("horizontal", seed=seed, name=f"{AUGMENT_PREFIX}flip")(x)
+        x = keras.layers.RandomFlip("horizontal", seed=seed, name=f"{AUGMENT_PREFIX}flip",
+                                    dtype="float32")(x)
     outputs = net(x)
     return keras.Model(inputs, outputs, name=f"{net.name}_uint8")
 

@@ -94,6 +94,7 @@ class TrainResult:
     activations: Any = None  # ActivationStats, when train.activation_stats
     backup: Any = None  # TrainingBackup, when backing up
     initial_epoch: int = 0  # epochs restored from a backup rather than run here
+    speed: dict[str, Any] | None = None  # the resolved speed settings (tasks.speed)
 
 
 def rate_callback(cfg, steps_per_epoch: int):
@@ -153,8 +154,11 @@ def train(params: Params, prepared, model_path: Path, live=None,
     from tasks.preprocess import input_statistics
     from tasks.resume import EpochSeed, TrainingBackup
     from tasks.schedules import with_cyclic_momentum
+    from tasks.speed import apply as apply_speed
+    from tasks.speed import compile_options
 
     cfg = params.train
+    speed = apply_speed(params.speed)  # before the model is built: it sets the dtype policy
     keras.utils.set_random_seed(cfg.seed)
     # a recipe's builder options apply where the builder takes them (the paper's l2 means
     # nothing to a net without it); options set in model.options must all be taken
@@ -177,7 +181,7 @@ def train(params: Params, prepared, model_path: Path, live=None,
     if cfg.schedule == "one_cycle":
         optimizer = with_cyclic_momentum(optimizer)
     model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy",
-                  metrics=["accuracy"])
+                  metrics=["accuracy"], **compile_options(speed))
     steps_per_epoch = -(-len(prepared.x_train) // cfg.batch_size)
     rates = rate_callback(cfg, steps_per_epoch)
     checkpoint = BestCheckpoint(model_path, cfg.checkpoint_monitor, "train.checkpoint_monitor")
@@ -221,7 +225,7 @@ def train(params: Params, prepared, model_path: Path, live=None,
     logs = history.history
     if saver is not None:  # the whole run's history, resumed epochs included
         logs = {key: [epoch.get(key) for epoch in saver.history] for key in saver.history[0]}
-    return TrainResult(model, logs, checkpoint, applied, activations, saver, initial_epoch)
+    return TrainResult(model, logs, checkpoint, applied, activations, saver, initial_epoch, speed)
 
 
 def write_plots(result: TrainResult, out: Path) -> None:
@@ -305,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         ran = params.train.epochs - result.initial_epoch
         meta["seconds_per_epoch"] = round(elapsed / ran, 3) if ran else None
         meta["resumed_after_epoch"] = result.initial_epoch
+        meta["speed"] = result.speed
         write_json(out / "params.json", meta)
         buffer = io.StringIO()
         with contextlib.redirect_stdout(buffer):

@@ -1,0 +1,304 @@
+"""Training throughput of this project's training path against a PyTorch reference, in one run.
+
+    python benchmarks/throughput.py                       # the four nets, batch 128, CPU
+    python benchmarks/throughput.py --nets resnet20_v1 --steps 30 --json out.json
+    KERAS_BACKEND=jax python benchmarks/throughput.py --device gpu   # see docs/benchmarks.md
+
+Ours is what ``python -m tasks.train`` runs: the registry net wrapped by
+``tasks.modeling.build_training_model`` (uint8 input, normalisation, flip and a 4-pixel
+crop/translate on the device), Adam, the speed settings of ``tasks.speed`` and batches from
+``tasks.modeling.EpochShuffledArrays``. The reference is the same architecture in PyTorch
+(benchmarks/torch_reference.py, parameter counts checked equal), with the same in-memory uint8
+data, the same normalisation and augmentation done on the device, and Adam.
+
+Every measurement runs in its own process (dtype policies, thread pools and compilation caches
+do not leak between them) and times whole epochs of ``--steps`` batches after a warm-up epoch
+that pays for tracing and compilation. Ours and the reference alternate, ``--repeat`` times, and
+each configuration's best epoch counts. The ratio printed is our best configuration over the
+reference's best; ``ratio (default)`` uses the configuration params.yaml's defaults resolve to.
+Needs torch (``pip install -e .[benchmark]``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script from anywhere: tasks/ and nets/ import
+NETS = ("resnet20_v1", "resnet56_v1", "resnet110_v2", "densenet_bc_100_k12")
+SHAPE, CLASSES = (32, 32, 3), 10
+
+# (name, precision, jit_compile, steps_per_execution); "params" is what params.yaml resolves to
+KERAS_CONFIGS = {
+    "cpu": [("params", None, None, None), ("float32", "float32", False, 1),
+            ("float32+xla", "float32", True, 1), ("bf16", "mixed_bfloat16", False, 1),
+            ("bf16+xla", "mixed_bfloat16", True, 1)],
+    "gpu": [("params", None, None, None), ("float32", "float32", True, 1),
+            ("bf16", "mixed_bfloat16", True, 1), ("bf16 spe8", "mixed_bfloat16", True, 8)],
+}
+TORCH_CONFIGS = {
+    "cpu": ["float32", "float32+channels_last", "bf16+channels_last"],
+    "gpu": ["float32", "bf16+channels_last", "bf16+channels_last+compile",
+            "bf16+channels_last+compile-cudagraphs"],
+}
+
+
+def synthetic(images: int, seed: int = 0):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return (rng.integers(0, 256, (images, *SHAPE), dtype=np.uint8),
+            rng.integers(0, CLASSES, images).astype(np.int64))
+
+
+def run_keras(net: str, config: str, batch: int, images: int, epochs: int) -> dict:
+    """One of our configurations: the epochs' times after the warm-up epoch."""
+    import keras
+    import numpy as np
+
+    import nets
+    from tasks.config import SpeedParams, load_params
+    from tasks.modeling import EpochShuffledArrays, build_training_model
+    from tasks.speed import apply, compile_options
+
+    name, precision, jit, spe = next(c for c in KERAS_CONFIGS[_device()] if c[0] == config)
+    if name == "params":
+        speed = load_params(ROOT / "params.yaml").speed
+    else:
+        speed = SpeedParams(precision=precision, jit_compile=jit, steps_per_execution=spe)
+    resolved = apply(speed)
+    keras.utils.set_random_seed(0)
+    x, y = synthetic(images)
+    model = build_training_model(
+        nets.create_model(net, input_shape=SHAPE, num_classes=CLASSES),
+        np.full(SHAPE, 0.47, np.float32), np.full(SHAPE, 0.25, np.float32),
+        flip=True, crop_pad=4, seed=0,
+    )
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy",
+                  **compile_options(resolved))
+    times = []
+
+    class Timer(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.started = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            float(logs["loss"])  # the epoch's work is done once its loss is on the host
+            times.append(time.perf_counter() - self.started)
+
+    model.fit(EpochShuffledArrays(x, y, batch, 0), epochs=epochs + 1, verbose=0,
+              callbacks=[Timer()])
+    return {"times": times[1:], "resolved": resolved,
+            "parameters": int(sum(np.prod(w.shape) for w in model.trainable_weights))}
+
+
+def run_torch(net: str, config: str, batch: int, images: int, epochs: int) -> dict:
+    import torch
+
+    from benchmarks.torch_reference import REFERENCES, parameter_count
+
+    device = "cuda" if _device() == "gpu" else "cpu"
+    torch.manual_seed(0)
+    model = REFERENCES[net](CLASSES).to(device)
+    channels_last = "channels_last" in config
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    step_model = model
+    if "compile" in config:  # "reduce-overhead" replays the net's kernels as a CUDA graph
+        step_model = torch.compile(model, mode="reduce-overhead" if "cudagraphs" in config
+                                   else None)
+    optimizer = torch.optim.Adam(model.parameters(), 1e-3)
+    x_host, y_host = synthetic(images)
+    steps = -(-images // batch)
+    x_all = torch.from_numpy(x_host).to(device)
+    y_all = torch.from_numpy(y_host).to(device)
+    mean = torch.full((1, 3, 32, 32), 0.47, device=device)
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled="bf16" in config)
+    rows = torch.arange(32, device=device)
+
+    def augment(images: torch.Tensor) -> torch.Tensor:
+        # the same work as ours: flip half, then shift by up to 4 pixels with zero fill
+        n = images.shape[0]
+        flip = torch.rand(n, device=device) < 0.5
+        images = torch.where(flip[:, None, None, None], images.flip(3), images)
+        padded = torch.nn.functional.pad(images, (4, 4, 4, 4))
+        dy = torch.randint(0, 9, (n, 1, 1), device=device)
+        dx = torch.randint(0, 9, (n, 1, 1), device=device)
+        iy = (rows[None, :, None] + dy).expand(n, 32, 32)
+        ix = (rows[None, None, :] + dx).expand(n, 32, 32)
+        b = torch.arange(n, device=device)[:, None, None]
+        return padded.permute(0, 2, 3, 1)[b, iy, ix].permute(0, 3, 1, 2)
+
+    def step(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        images = (images.permute(0, 3, 1, 2).float() / 255.0 - mean) / 0.25
+        images = augment(images)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast:
+            loss = torch.nn.functional.cross_entropy(step_model(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    times = []
+    for _ in range(epochs + 1):
+        order = torch.randperm(len(x_all), device=device)
+        started = time.perf_counter()
+        for index in range(steps):
+            rows_ = order[index * batch:(index + 1) * batch]
+            loss = step(x_all[rows_], y_all[rows_])
+        float(loss)  # wait for the device
+        times.append(time.perf_counter() - started)
+    return {"times": times[1:], "parameters": parameter_count(model),
+            "resolved": {"torch": torch.__version__, "threads": torch.get_num_threads()}}
+
+
+def images_per_epoch(args) -> int:
+    return args.images or args.batch * args.steps
+
+
+def _device() -> str:
+    return os.environ.get("DEEPNETS_BENCH_DEVICE", "cpu")
+
+
+def worker(args) -> int:
+    runner = run_keras if args.worker == "keras" else run_torch
+    result = runner(args.nets, args.config, args.batch, images_per_epoch(args), args.epochs)
+    print("RESULT " + json.dumps(result), flush=True)
+    return 0
+
+
+def measure(impl: str, net: str, config: str, args) -> dict:
+    command = [sys.executable, __file__, "--worker", impl, "--nets", net, "--config", config,
+               "--batch", str(args.batch), "--steps", str(args.steps), "--images",
+               str(args.images or 0), "--epochs",
+               str(args.epochs), "--device", args.device]
+    env = {**os.environ, "DEEPNETS_BENCH_DEVICE": args.device, "TF_CPP_MIN_LOG_LEVEL": "2",
+           "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
+    for line in done.stdout.splitlines():
+        if line.startswith("RESULT "):
+            result = json.loads(line[7:])
+            best = min(result["times"])
+            result["images_per_s"] = images_per_epoch(args) / best
+            result["epoch_seconds"] = best
+            return result
+    tail = "\n".join((done.stdout + done.stderr).splitlines()[-15:])
+    return {"error": f"{impl} {config} failed (exit {done.returncode}):\n{tail}"}
+
+
+def versions() -> dict:
+    found = {"python": platform.python_version()}
+    for module in ("keras", "tensorflow", "jax", "torch", "numpy"):
+        try:
+            found[module] = __import__(module).__version__
+        except ImportError:
+            pass
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--nets", default=",".join(NETS), help="comma-separated registry names")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=20, help="batches per timed epoch")
+    parser.add_argument("--images", type=int, help="images per timed epoch (overrides --steps; "
+                        "50000 times a CIFAR-10 epoch)")
+    parser.add_argument("--epochs", type=int, default=2, help="timed epochs after the warm-up")
+    parser.add_argument("--repeat", type=int, default=1, help="alternating rounds per config")
+    parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    parser.add_argument("--keras-configs", help="comma-separated subset of our configurations")
+    parser.add_argument("--torch-configs", help="comma-separated subset of the reference's")
+    parser.add_argument("--json", type=Path, help="also write every figure here")
+    parser.add_argument("--worker", choices=("keras", "torch"), help=argparse.SUPPRESS)
+    parser.add_argument("--config", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        return worker(args)
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        print("error: the PyTorch reference needs torch: pip install -e .[benchmark]",
+              file=sys.stderr)
+        return 2
+    keras_configs = [c[0] for c in KERAS_CONFIGS[args.device]]
+    torch_configs = TORCH_CONFIGS[args.device]
+    if args.keras_configs:
+        keras_configs = args.keras_configs.split(",")
+    if args.torch_configs:
+        torch_configs = args.torch_configs.split(",")
+    backend = os.environ.get("KERAS_BACKEND", "tensorflow")
+    print(f"{time.strftime('%Y-%m-%d')}  {platform.machine()}, {os.cpu_count()} CPUs, "
+          f"device {args.device}, Keras backend {backend}, batch {args.batch}, "
+          f"{images_per_epoch(args)} images per timed epoch; {versions()}", flush=True)
+    report = {"date": time.strftime("%Y-%m-%d"), "device": args.device, "backend": backend,
+              "batch": args.batch, "images_per_epoch": images_per_epoch(args),
+              "versions": versions(), "nets": {}}
+    failed = False
+    for net in args.nets.split(","):
+        results: dict[str, dict] = {}
+        jobs = [("keras", c) for c in keras_configs] + [("torch", c) for c in torch_configs]
+        for _ in range(args.repeat):
+            for pair in _alternate(jobs):
+                got = measure(*pair[:1], net, pair[1], args)
+                key = f"{pair[0]}:{pair[1]}"
+                if "error" in got:
+                    print(got["error"], file=sys.stderr, flush=True)
+                    failed = True
+                    continue
+                if key not in results or got["images_per_s"] > results[key]["images_per_s"]:
+                    results[key] = got
+                print(f"  {net:<20} {key:<34} {got['images_per_s']:9.1f} img/s "
+                      f"{got['epoch_seconds']:8.2f} s/epoch  "
+                      f"{got.get('resolved', {})}", flush=True)
+        counts = {r["parameters"] for r in results.values()}
+        if len(counts) > 1:
+            print(f"error: {net}: trainable parameter counts differ between ours and the "
+                  f"reference: {sorted(counts)}", file=sys.stderr)
+            failed = True
+        ours = {k: v for k, v in results.items() if k.startswith("keras:")}
+        theirs = {k: v for k, v in results.items() if k.startswith("torch:")}
+        summary = {"results": results}
+        if ours and theirs:
+            best_ours = max(ours, key=lambda k: ours[k]["images_per_s"])
+            best_theirs = max(theirs, key=lambda k: theirs[k]["images_per_s"])
+            ratio = ours[best_ours]["images_per_s"] / theirs[best_theirs]["images_per_s"]
+            summary.update(best_ours=best_ours, best_reference=best_theirs, ratio=ratio)
+            line = (f"{net}: ours {ours[best_ours]['images_per_s']:.1f} img/s ({best_ours}) / "
+                    f"reference {theirs[best_theirs]['images_per_s']:.1f} img/s ({best_theirs}) "
+                    f"= ratio {ratio:.2f}")
+            if "keras:params" in ours:
+                default = ours["keras:params"]["images_per_s"] / theirs[best_theirs]["images_per_s"]
+                summary["ratio_default"] = default
+                line += f"; ratio (default) {default:.2f}"
+            print(line, flush=True)
+        report["nets"][net] = summary
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2))
+    return 1 if failed else 0
+
+
+def _alternate(jobs):
+    """Ours and the reference's configurations interleaved, so drift hits both alike."""
+    ours = [j for j in jobs if j[0] == "keras"]
+    theirs = [j for j in jobs if j[0] == "torch"]
+    out = []
+    while ours or theirs:
+        if ours:
+            out.append(ours.pop(0))
+        if theirs:
+            out.append(theirs.pop(0))
+    return out
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,144 @@
+"""PyTorch versions of the benchmarked nets, layer for layer the same as nets/ builds them.
+
+They exist only to time a reference implementation next to ours (benchmarks/throughput.py):
+same widths, depths, shortcuts, biases and head, so the trainable parameter counts match the
+Keras models exactly (the benchmark checks this before it times anything). The softmax is left
+to the loss (``cross_entropy`` on logits), which is the same arithmetic.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def conv(cin: int, cout: int, kernel: int, stride: int = 1) -> nn.Conv2d:
+    # Keras "same" padding; biased, as the book's layers are
+    return nn.Conv2d(cin, cout, kernel, stride=stride, padding=kernel // 2, bias=True)
+
+
+class BasicUnit(nn.Module):
+    """ResNet v1: conv3x3-BN-ReLU-conv3x3-BN plus shortcut (1x1 projection when shape changes)."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1, self.bn1 = conv(cin, cout, 3, stride), nn.BatchNorm2d(cout)
+        self.conv2, self.bn2 = conv(cout, cout, 3), nn.BatchNorm2d(cout)
+        self.shortcut = conv(cin, cout, 1, stride) if stride != 1 or cin != cout else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        if self.shortcut is not None:
+            x = self.shortcut(x)
+        return torch.relu(x + y)
+
+
+class ResNetV1(nn.Module):
+    def __init__(self, depth: int, num_classes: int = 10):
+        super().__init__()
+        units = (depth - 2) // 6
+        self.stem = nn.Sequential(conv(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU())
+        layers, cin = [], 16
+        for index, cout in enumerate((16, 32, 64)):
+            for unit in range(units):
+                stride = 2 if index > 0 and unit == 0 else 1
+                layers.append(BasicUnit(cin, cout, stride))
+                cin = cout
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Linear(64, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.body(self.stem(x))
+        return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+class PreactBottleneck(nn.Module):
+    """ResNet v2: [BN-ReLU]-conv1x1-BN-ReLU-conv3x3-BN-ReLU-conv1x1 plus shortcut, no final ReLU."""
+
+    def __init__(self, cin: int, inner: int, cout: int, stride: int, preact: bool):
+        super().__init__()
+        self.pre = nn.Sequential(nn.BatchNorm2d(cin), nn.ReLU()) if preact else nn.Identity()
+        self.body = nn.Sequential(
+            conv(cin, inner, 1, stride), nn.BatchNorm2d(inner), nn.ReLU(),
+            conv(inner, inner, 3), nn.BatchNorm2d(inner), nn.ReLU(),
+            conv(inner, cout, 1),
+        )
+        self.shortcut = conv(cin, cout, 1, stride) if stride != 1 or cin != cout else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # the shortcut takes the unit's raw input, as the book's resnet_v2 does
+        y = self.body(self.pre(x))
+        return (self.shortcut(x) if self.shortcut is not None else x) + y
+
+
+class ResNetV2(nn.Module):
+    def __init__(self, depth: int, num_classes: int = 10):
+        super().__init__()
+        units = (depth - 2) // 9
+        self.stem = nn.Sequential(conv(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU())
+        layers, cin = [], 16
+        for index, cout in enumerate((64, 128, 256)):
+            inner = cin  # the book's widths: the stage's input width
+            for unit in range(units):
+                stride = 2 if index > 0 and unit == 0 else 1
+                layers.append(PreactBottleneck(cin, inner, cout, stride,
+                                               preact=not (index == 0 and unit == 0)))
+                cin = cout
+        self.body = nn.Sequential(*layers)
+        self.head_bn = nn.BatchNorm2d(256)
+        self.head = nn.Linear(256, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.head_bn(self.body(self.stem(x))))
+        return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+class DenseLayer(nn.Module):
+    """BN-ReLU-conv1x1(4k)-BN-ReLU-conv3x3(k), concatenated to the input."""
+
+    def __init__(self, cin: int, growth: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.BatchNorm2d(cin), nn.ReLU(), conv(cin, 4 * growth, 1),
+            nn.BatchNorm2d(4 * growth), nn.ReLU(), conv(4 * growth, growth, 3),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x, self.body(x)], 1)
+
+
+class DenseNetBC(nn.Module):
+    """The book's DenseNet-BC: stem concatenated with the image, BN-conv1x1-pool transitions."""
+
+    def __init__(self, depth: int = 100, growth: int = 12, num_classes: int = 10):
+        super().__init__()
+        layers = (depth - 4) // 6
+        self.stem = nn.Sequential(nn.BatchNorm2d(3), nn.ReLU(), conv(3, 2 * growth, 3))
+        blocks, cin, grown = [], 3 + 2 * growth, 2 * growth
+        for block in range(3):
+            for _ in range(layers):
+                blocks.append(DenseLayer(cin, growth))
+                cin += growth
+            if block < 2:
+                filters = int((grown + layers * growth) * 0.5)
+                blocks += [nn.BatchNorm2d(cin), conv(cin, filters, 1), nn.AvgPool2d(2)]
+                cin = grown = filters
+        self.body = nn.Sequential(*blocks)
+        self.head = nn.Linear(cin, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.body(torch.cat([x, self.stem(x)], 1))
+        return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+REFERENCES = {
+    "resnet20_v1": lambda classes: ResNetV1(20, classes),
+    "resnet56_v1": lambda classes: ResNetV1(56, classes),
+    "resnet110_v2": lambda classes: ResNetV2(110, classes),
+    "densenet_bc_100_k12": lambda classes: DenseNetBC(100, 12, classes),
+}
+
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

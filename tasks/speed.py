@@ -1,0 +1,120 @@
+"""The speed settings of training (params.yaml ``speed``), resolved for the machine at hand.
+
+None of them changes what is trained: the net, the recipe and the data stay as params.yaml
+says. They change how the arithmetic runs:
+
+- ``precision``: ``float32``, or Keras' mixed policies (``mixed_bfloat16``, ``mixed_float16``)
+  that keep the weights in float32 and compute in 16 bits. ``auto`` picks ``mixed_bfloat16``
+  where the hardware has fast bfloat16 arithmetic (a GPU of compute capability 8.0 or newer; a
+  CPU with AMX or AVX512-BF16) and float32 elsewhere, since emulated bfloat16 is slower.
+- ``jit_compile``: XLA compilation of the train step. ``auto`` is Keras' own choice (XLA on
+  GPUs and under JAX, not for TensorFlow on a CPU).
+- ``steps_per_execution``: training steps run per call into the compiled function; more means
+  less Python between steps, but callbacks and the progress bar see the batches in groups.
+- ``threads``: intra-op threads for TensorFlow on a CPU (null: all cores).
+
+The settings used are recorded in models/<name>/params.json (``speed``), so a figure can be
+traced to the precision it was trained in.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+MIXED = ("mixed_bfloat16", "mixed_float16")
+CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+@cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU feature flags Linux reports (empty where /proc/cpuinfo is not readable)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+def accelerator() -> str | None:
+    """``"gpu"`` if the Keras backend in use has a GPU, else None (CPU)."""
+    import keras
+
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        return "gpu" if jax.default_backend() == "gpu" else None
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return "gpu" if tf.config.list_physical_devices("GPU") else None
+    if backend == "torch":
+        import torch
+
+        return "gpu" if torch.cuda.is_available() else None
+    return None
+
+
+def gpu_has_bf16() -> bool:
+    """Whether the first GPU computes bfloat16 natively (compute capability 8.0 or newer)."""
+    import keras
+
+    if keras.backend.backend() == "jax":
+        import jax
+
+        capability = getattr(jax.devices()[0], "compute_capability", "0")
+        return float(capability) >= 8.0
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        details = tf.config.experimental.get_device_details(tf.config.list_physical_devices("GPU")[0])
+        return details.get("compute_capability", (0, 0)) >= (8, 0)
+    return False
+
+
+def resolve_precision(precision: str) -> str:
+    """The dtype policy ``precision`` stands for on this machine."""
+    if precision != "auto":
+        return precision
+    if accelerator() == "gpu":
+        return "mixed_bfloat16" if gpu_has_bf16() else "float32"
+    return "mixed_bfloat16" if cpu_flags() & set(CPU_BF16_FLAGS) else "float32"
+
+
+def apply(speed: Any) -> dict[str, Any]:
+    """Set the process-wide parts of ``speed`` (dtype policy, threads) before a model is built.
+
+    Returns the resolved settings, also what :func:`compile_options` takes.
+    """
+    import keras
+
+    if speed.threads is not None and keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        # must happen before TensorFlow runs its first op; a second call is refused by TF
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(speed.threads)
+        except RuntimeError:
+            pass
+    policy = resolve_precision(speed.precision)
+    keras.config.set_dtype_policy(policy)
+    return {
+        "precision": policy,
+        "jit_compile": speed.jit_compile,
+        "steps_per_execution": speed.steps_per_execution,
+        "threads": speed.threads or os.cpu_count(),
+        "backend": keras.backend.backend(),
+        "device": accelerator() or "cpu",
+    }
+
+
+def compile_options(resolved: dict[str, Any]) -> dict[str, Any]:
+    """The ``Model.compile`` keywords of resolved speed settings."""
+    return {"jit_compile": resolved["jit_compile"],
+            "steps_per_execution": resolved["steps_per_execution"]}
