@@ -196,7 +196,7 @@ class SpeedParams(_Section):
     # auto: mixed_bfloat16 on a GPU of compute capability >= 8.0 or a CPU with AMX/AVX512-BF16,
     # float32 elsewhere
     precision: Literal["auto", "float32", "mixed_bfloat16", "mixed_float16"] = "auto"
-    # XLA compilation of the train step; auto: Keras' choice (XLA on GPUs and under JAX)
+    # XLA compilation of the train step; auto: on under TensorFlow and JAX, off under torch
     jit_compile: Literal["auto"] | bool = "auto"
     steps_per_execution: Annotated[int, Field(ge=1)] = 1
     # intra-op CPU threads for TensorFlow; null: all cores

@@ -53,14 +53,19 @@ def set_params(repo: Path, updates: dict[str, object]) -> None:
 
 
 def scratch_repo(path: Path, env: dict, params: dict[str, object]) -> Path:
-    """A git repository at ``path`` holding this checkout's files with ``params`` applied."""
+    """A git repository at ``path`` holding this checkout's files with ``params`` applied.
+
+    Training there runs without XLA (``speed.jit_compile: false``) unless ``params`` says
+    otherwise: the suite's runs are one or two short epochs, where compiling costs more than it
+    saves. tests/test_speed.py and tests/test_resume.py run the default.
+    """
     files = run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], ROOT, env)
     for name in files.stdout.splitlines():
         source = ROOT / name
         if source.is_file():
             (path / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, path / name)
-    set_params(path, params)
+    set_params(path, {"speed.jit_compile": False, **params})
     run(["git", "init", "-q"], path, env)
     run(["git", "add", "-A"], path, env)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "scratch"], path, env)

@@ -28,6 +28,7 @@ PARAMS = {
     "model.names": ["simple_cnn"], "train.epochs": EPOCHS, "train.batch_size": 32,
     "train.lr_milestones": [2], "train.lr_gammas": [0.5],
     "train.plateau": {"monitor": "val_loss", "factor": 0.5, "patience": 0, "min_lr": 1e-6},
+    "speed.jit_compile": "auto",  # the default: XLA-compiled steps must resume exactly too
 }
 
 
