@@ -98,6 +98,11 @@ def stage_changed(stage: str, root: Path) -> bool:
     return bool(status)
 
 
+def pipeline_changed(root: Path) -> bool:
+    """Whether DVC would run any stage of the pipeline (one ``dvc status`` over all of them)."""
+    return bool(json.loads(dvc(["status", "--json"], root) or "{}"))
+
+
 def stage_command(stage: str, root: Path) -> str:
     """The command dvc.yaml gives ``stage`` (templated, e.g. ``train@resnet20_v1``)."""
     from dvc.repo import Repo
