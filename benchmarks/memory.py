@@ -4,8 +4,8 @@
     python benchmarks/memory.py --batches 32,64,128 --net densenet_bc_100_k12
     KERAS_BACKEND=jax python benchmarks/memory.py --device gpu    # GPU: peak device memory
 
-Each batch size trains a few steps in its own process, through the same path as
-``python -m tasks.train`` (tasks.modeling, tasks.speed with params.yaml's speed settings). On a
+Each batch size trains a few steps in its own process, on the model benchmarks/throughput.py
+times (``ours``: tasks.modeling and tasks.speed with params.yaml's speed settings). On a
 CPU the figure is the process's peak resident set (``ru_maxrss``), model, data and framework
 included; on a GPU it is the backend allocator's peak (JAX ``peak_bytes_in_use``), with
 ``XLA_PYTHON_CLIENT_PREALLOCATE=false`` so JAX takes memory as it needs it. The limit printed
@@ -29,23 +29,11 @@ LIMITS_GB = {"cpu": 8.0, "gpu": 16.0}
 
 
 def worker(net: str, batch: int, steps: int, device: str) -> dict:
-    import numpy as np
+    from benchmarks.throughput import ours, synthetic
+    from tasks.modeling import EpochShuffledArrays
 
-    import nets
-    from tasks.config import load_params
-    from tasks.modeling import EpochShuffledArrays, build_training_model
-    from tasks.speed import apply, compile_options
-
-    resolved = apply(load_params(ROOT / "params.yaml").speed)
-    shape = (32, 32, 3)
-    rng = np.random.default_rng(0)
-    x = rng.integers(0, 256, (batch * steps, *shape), dtype=np.uint8)
-    y = rng.integers(0, 10, batch * steps)
-    model = build_training_model(nets.create_model(net, input_shape=shape, num_classes=10),
-                                 np.zeros(shape, "float32"), np.ones(shape, "float32"),
-                                 flip=True, crop_pad=4, seed=0)
-    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy",
-                  **compile_options(resolved))
+    model, resolved = ours(net)
+    x, y = synthetic(batch * steps)
     model.fit(EpochShuffledArrays(x, y, batch, 0), epochs=1, verbose=0)
     if device == "gpu":
         import jax

@@ -58,24 +58,22 @@ def synthetic(images: int, seed: int = 0):
             rng.integers(0, CLASSES, images).astype(np.int64))
 
 
-def run_keras(net: str, config: str, batch: int, images: int, epochs: int) -> dict:
-    """One of our configurations: the epochs' times after the warm-up epoch."""
+def ours(net: str, speed=None):
+    """Our training model for ``net``, compiled as the train stage compiles it.
+
+    ``speed``: a ``SpeedParams`` (default: params.yaml's ``speed``). Returns the model and the
+    resolved speed settings. Used by memory.py too.
+    """
     import keras
     import numpy as np
 
     import nets
-    from tasks.config import SpeedParams, load_params
-    from tasks.modeling import EpochShuffledArrays, build_training_model
+    from tasks.config import load_params
+    from tasks.modeling import build_training_model
     from tasks.speed import apply, compile_options
 
-    name, precision, jit, spe = next(c for c in KERAS_CONFIGS[_device()] if c[0] == config)
-    if name == "params":
-        speed = load_params(ROOT / "params.yaml").speed
-    else:
-        speed = SpeedParams(precision=precision, jit_compile=jit, steps_per_execution=spe)
-    resolved = apply(speed)
+    resolved = apply(speed or load_params(ROOT / "params.yaml").speed)
     keras.utils.set_random_seed(0)
-    x, y = synthetic(images)
     model = build_training_model(
         nets.create_model(net, input_shape=SHAPE, num_classes=CLASSES),
         np.full(SHAPE, 0.47, np.float32), np.full(SHAPE, 0.25, np.float32),
@@ -83,6 +81,22 @@ def run_keras(net: str, config: str, batch: int, images: int, epochs: int) -> di
     )
     model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy",
                   **compile_options(resolved))
+    return model, resolved
+
+
+def run_keras(net: str, config: str, batch: int, images: int, epochs: int) -> dict:
+    """One of our configurations: the epochs' times after the warm-up epoch."""
+    import keras
+    import numpy as np
+
+    from tasks.config import SpeedParams
+    from tasks.modeling import EpochShuffledArrays
+
+    name, precision, jit, spe = next(c for c in KERAS_CONFIGS[_device()] if c[0] == config)
+    speed = None if name == "params" else SpeedParams(
+        precision=precision, jit_compile=jit, steps_per_execution=spe)
+    model, resolved = ours(net, speed)
+    x, y = synthetic(images)
     times = []
 
     class Timer(keras.callbacks.Callback):

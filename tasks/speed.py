@@ -27,7 +27,6 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-MIXED = ("mixed_bfloat16", "mixed_float16")
 CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 
 
