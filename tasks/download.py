@@ -377,7 +377,8 @@ def _stage_imagefolder(source: str | None, work: Path, out_dir: Path) -> dict[st
         "dataset": "imagefolder",
         "kind": "imagefolder",
         "files": {name: _sha256(archive)},
-        "sources": {name: str(path.resolve())},
+        # as configured, not resolved: a relative source keeps dvc.lock the same in every checkout
+        "sources": {name: str(path)},
         "archive": name,
         "class_names": layout.class_names,
     }
@@ -415,12 +416,11 @@ def _stage_signs(source: str | None, work: Path, out_dir: Path) -> dict[str, obj
         splits = datasets.read_signs(files_dir)
     except DatasetFormatError as error:
         raise DownloadError(f"{error}. Nothing was written to {out_dir}.") from None
-    resolved = path.resolve()
     return {
         "dataset": "signs",
         "kind": "signs",
         "files": {name: _sha256(files_dir / name) for name in names},
-        "sources": {name: str(resolved / name) for name in names},
+        "sources": {name: str(path / name) for name in names},  # as configured, see above
         "class_names": splits.class_names,
     }
 

@@ -394,8 +394,9 @@ def test_imagefolder_from_directory(tmp_path: Path) -> None:
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["kind"] == "imagefolder" and manifest["archive"] == "pets.tar"
     assert manifest["files"] == {"pets.tar": sha256(out / "files" / "pets.tar")}
-    assert manifest["sources"] == {"pets.tar": str(source.resolve())}
+    assert manifest["sources"] == {"pets.tar": str(source)}
     assert not (out / "extracted").exists()
+
     with tarfile.open(out / "files" / "pets.tar") as tar:  # plain tar, images only
         assert all(m.name.endswith(".png") for m in tar.getmembers())
     splits = read_raw(out)
@@ -405,6 +406,18 @@ def test_imagefolder_from_directory(tmp_path: Path) -> None:
     # packing is reproducible, so DVC sees the same file for the same images
     again = download("imagefolder", tmp_path / "raw2", source=str(source), progress=False)
     assert sha256(again / "files" / "pets.tar") == manifest["files"]["pets.tar"]
+
+
+def test_a_relative_source_is_recorded_as_configured(tmp_path: Path, monkeypatch) -> None:
+    # the manifest is part of data/raw's hash in dvc.lock: it must not name the checkout's path
+    manifests = []
+    for copy in ("one", "two"):
+        make_imagefolder_dir(tmp_path / copy / "pets")
+        monkeypatch.chdir(tmp_path / copy)
+        out = download("imagefolder", Path("raw"), source="pets", progress=False)
+        manifests.append((out / "manifest.json").read_bytes())
+    assert json.loads(manifests[0])["sources"] == {"pets.tar": "pets"}
+    assert manifests[0] == manifests[1]
 
 
 @pytest.mark.parametrize(
