@@ -199,8 +199,10 @@ class SpeedParams(_Section):
     # XLA compilation of the train step; auto: on under TensorFlow and JAX, off under torch
     jit_compile: Literal["auto"] | bool = "auto"
     steps_per_execution: Annotated[int, Field(ge=1)] = 1
-    # intra-op CPU threads for TensorFlow; null: all cores
+    # intra-op CPU threads for TensorFlow and torch; null: all cores
     threads: Annotated[int, Field(ge=1)] | None = None
+    # under the torch backend: copy-free channels-last convolutions and fused batch norm
+    fused_kernels: bool = True
 
 
 class Params(_Section):

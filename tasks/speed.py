@@ -14,7 +14,9 @@ says. They change how the arithmetic runs:
   once; short test runs turn it off.
 - ``steps_per_execution``: training steps run per call into the compiled function; more means
   less Python between steps, but callbacks and the progress bar see the batches in groups.
-- ``threads``: intra-op threads for TensorFlow on a CPU (null: all cores).
+- ``threads``: intra-op threads on a CPU, for TensorFlow and torch (null: all cores).
+- ``fused_kernels``: under the torch backend, convolutions without layout copies and batch norm
+  as one fused kernel (tasks/torch_kernels.py); the same arithmetic, faster.
 
 The settings used are recorded in models/<name>/params.json (``speed``), so a figure can be
 traced to the precision it was trained in.
@@ -105,6 +107,7 @@ def apply(speed: Any) -> dict[str, Any]:
     """
     import keras
 
+    fused = False
     if speed.threads is not None and keras.backend.backend() == "tensorflow":
         import tensorflow as tf
 
@@ -113,6 +116,15 @@ def apply(speed: Any) -> dict[str, Any]:
             tf.config.threading.set_intra_op_parallelism_threads(speed.threads)
         except RuntimeError:
             pass
+    if keras.backend.backend() == "torch":
+        import torch
+
+        if speed.threads is not None:
+            torch.set_num_threads(speed.threads)
+        if speed.fused_kernels:
+            from tasks import torch_kernels
+
+            fused = torch_kernels.install()
     policy = resolve_precision(speed.precision)
     keras.config.set_dtype_policy(policy)
     return {
@@ -120,6 +132,7 @@ def apply(speed: Any) -> dict[str, Any]:
         "jit_compile": resolve_jit_compile(speed.jit_compile),
         "steps_per_execution": speed.steps_per_execution,
         "threads": speed.threads or os.cpu_count(),
+        "fused_kernels": fused,
         "backend": keras.backend.backend(),
         "device": accelerator() or "cpu",
     }

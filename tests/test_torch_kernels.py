@@ -1,0 +1,121 @@
+"""tasks/torch_kernels.py: under Keras' torch backend, the copy-free convolution and the fused
+batch norm compute what Keras' own kernels compute: outputs, gradients, moving statistics and a
+few training steps of a real net. Runs in subprocesses (Keras picks its backend at import);
+needs torch (``pip install -e .[benchmark]``)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tasks import torch_kernels
+from tests.conftest import ROOT, stage_environment
+
+LAYERS = r"""
+import json, sys
+import numpy as np
+import keras, torch
+from tasks import torch_kernels
+
+def make():
+    keras.utils.set_random_seed(1)
+    inputs = keras.Input((9, 10, 3))
+    x = keras.layers.Conv2D(8, 3, padding="same")(inputs)            # symmetric padding
+    x = keras.layers.BatchNormalization(momentum=0.9)(x)
+    x = keras.layers.Conv2D(6, 3, strides=2, padding="same")(x)      # asymmetric padding
+    x = keras.layers.BatchNormalization(center=False, epsilon=1e-3)(x)
+    x = keras.layers.Conv2D(5, 1, strides=2, padding="valid", dilation_rate=1)(x)
+    x = keras.layers.BatchNormalization(scale=False)(x)
+    x = keras.layers.Conv2D(4, 2, padding="valid", use_bias=False)(x)
+    return keras.Model(inputs, keras.layers.Flatten()(x))
+
+x = torch.from_numpy(np.random.default_rng(0).standard_normal((4, 9, 10, 3)).astype("float32"))
+
+def run():
+    model = make()
+    out = model(x, training=True)
+    (out ** 2).sum().backward()
+    inference = model(x, training=False)
+    return {"out": out.detach().tolist(), "inference": inference.detach().tolist(),
+            "grads": [w.value.grad.tolist() for w in model.trainable_weights],
+            "stats": [w.numpy().tolist() for w in model.non_trainable_weights]}
+
+keras_own = run()
+installed = torch_kernels.install()
+print("RESULTS " + json.dumps({"installed": installed, "keras": keras_own, "fused": run()}))
+"""
+
+TRAINING = r"""
+import json, sys
+import numpy as np
+import keras
+import nets
+from tasks.config import SpeedParams
+from tasks.modeling import build_training_model
+from tasks.speed import apply
+
+resolved = apply(SpeedParams(jit_compile=False, fused_kernels=sys.argv[1] == "fused"))
+keras.utils.set_random_seed(0)
+net = nets.create_model("resnet20_v1")
+model = build_training_model(net, np.full((32, 32, 3), 120.0, "float32"),
+                             np.full((32, 32, 3), 60.0, "float32"), shift=0.1, flip=True, seed=0)
+model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy")
+rng = np.random.default_rng(0)
+x = rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
+y = rng.integers(0, 10, 16)
+losses = [float(model.train_on_batch(x, y)) for _ in range(4)]
+print("RESULTS " + json.dumps({"resolved": resolved, "losses": losses,
+                               "probabilities": model.predict(x, verbose=0).tolist()}))
+"""
+
+
+def _under_torch(script: str, *args: str) -> dict:
+    pytest.importorskip("torch", reason="install the benchmark extra (torch) to test the torch backend")
+    env = stage_environment()
+    env["KERAS_BACKEND"] = "torch"
+    result = subprocess.run([sys.executable, "-c", script, *args], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = next(line for line in result.stdout.splitlines() if line.startswith("RESULTS "))
+    return json.loads(line.removeprefix("RESULTS "))
+
+
+def test_fused_layers_compute_what_keras_computes() -> None:
+    results = _under_torch(LAYERS)
+    assert results["installed"] is True
+    keras_own, fused = results["keras"], results["fused"]
+    np.testing.assert_allclose(fused["out"], keras_own["out"], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(fused["inference"], keras_own["inference"], rtol=1e-4, atol=1e-5)
+    assert len(fused["grads"]) == len(keras_own["grads"]) == 11  # 4 kernels, 3 biases, 4 BN
+    # a bias followed by batch norm has a gradient of zero up to rounding: absolute tolerance
+    # against the largest gradient, not against that bias's own rounding noise
+    scale = max(np.abs(theirs).max() for theirs in keras_own["grads"])
+    for mine, theirs in zip(fused["grads"], keras_own["grads"], strict=True):
+        np.testing.assert_allclose(mine, theirs, rtol=1e-4, atol=1e-6 * scale)
+    # moving means and variances after one training call: Keras' formula, biased variance
+    assert len(fused["stats"]) == len(keras_own["stats"]) == 6
+    for mine, theirs in zip(fused["stats"], keras_own["stats"], strict=True):
+        np.testing.assert_allclose(mine, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_a_net_trains_the_same_with_and_without_fused_kernels() -> None:
+    fused = _under_torch(TRAINING, "fused")
+    plain = _under_torch(TRAINING, "plain")
+    assert fused["resolved"]["fused_kernels"] is True
+    assert plain["resolved"]["fused_kernels"] is False
+    assert fused["resolved"]["backend"] == "torch"
+    # four Adam steps of ResNet20 v1 with augmentation: the same losses and predictions
+    np.testing.assert_allclose(fused["losses"], plain["losses"], rtol=2e-3)
+    assert fused["losses"][-1] < fused["losses"][0]
+    np.testing.assert_allclose(fused["probabilities"], plain["probabilities"], atol=2e-3)
+
+
+def test_install_leaves_other_backends_alone() -> None:
+    import keras
+
+    assert keras.backend.backend() != "torch"
+    assert torch_kernels.install() is False
