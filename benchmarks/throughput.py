@@ -35,16 +35,19 @@ sys.path.insert(0, str(ROOT))  # run as a script from anywhere: tasks/ and nets/
 NETS = ("resnet20_v1", "resnet56_v1", "resnet110_v2", "densenet_bc_100_k12")
 SHAPE, CLASSES = (32, 32, 3), 10
 
-# (name, precision, jit_compile, steps_per_execution); "params" is what params.yaml resolves to
+# (name, precision, jit_compile, steps_per_execution[, fused_kernels]); "params" is what
+# params.yaml resolves to; fused_kernels (default true) matters under the torch backend only
 KERAS_CONFIGS = {
     "cpu": [("params", None, None, None), ("float32", "float32", False, 1),
+            ("float32-unfused", "float32", False, 1, False),
             ("float32+xla", "float32", True, 1), ("bf16", "mixed_bfloat16", False, 1),
             ("bf16+xla", "mixed_bfloat16", True, 1)],
     "gpu": [("params", None, None, None), ("float32", "float32", True, 1),
             ("bf16", "mixed_bfloat16", True, 1), ("bf16 spe8", "mixed_bfloat16", True, 8)],
 }
 TORCH_CONFIGS = {
-    "cpu": ["float32", "float32+channels_last", "bf16+channels_last"],
+    "cpu": ["float32", "float32+channels_last", "bf16+channels_last",
+            "float32+channels_last+compile"],
     "gpu": ["float32", "bf16+channels_last", "bf16+channels_last+compile",
             "bf16+channels_last+compile-cudagraphs"],
 }
@@ -92,9 +95,11 @@ def run_keras(net: str, config: str, batch: int, images: int, epochs: int) -> di
     from tasks.config import SpeedParams
     from tasks.modeling import EpochShuffledArrays
 
-    name, precision, jit, spe = next(c for c in KERAS_CONFIGS[_device()] if c[0] == config)
+    name, precision, jit, spe, *fused = next(c for c in KERAS_CONFIGS[_device()]
+                                             if c[0] == config)
     speed = None if name == "params" else SpeedParams(
-        precision=precision, jit_compile=jit, steps_per_execution=spe)
+        precision=precision, jit_compile=jit, steps_per_execution=spe,
+        fused_kernels=fused[0] if fused else True)
     model, resolved = ours(net, speed)
     x, y = synthetic(images)
     times = []
