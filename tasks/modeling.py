@@ -29,7 +29,12 @@ RECURSION_LIMIT = 20_000
 
 
 def load_model(path: Path) -> keras.Model:
-    """Load a saved model, deep ones (thousands of layers) included."""
+    """Load a saved model, deep ones (thousands of layers) included.
+
+    A trained model (models/<name>/model.keras) holds :class:`RandomShift`, which this module
+    registers with Keras; ``keras.saving.load_model`` alone cannot load it unless this module
+    was imported. The exports (export/<name>/) have no augmentation and load anywhere.
+    """
     import sys
 
     sys.setrecursionlimit(max(sys.getrecursionlimit(), RECURSION_LIMIT))

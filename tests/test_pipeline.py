@@ -87,7 +87,9 @@ def test_exports_predict_what_the_trained_model_predicts(repo):
     with np.load(repo / "data/prepared/data.npz") as data:
         images = data["x_test"]
     assert images.dtype == np.uint8
-    trained = keras.saving.load_model(repo / f"models/{NET}/model.keras")
+    from tasks.modeling import load_model  # registers RandomShift, which the trained model holds
+
+    trained = load_model(repo / f"models/{NET}/model.keras")
     expected = np.asarray(trained.predict(images, verbose=0))
     native = keras.saving.load_model(repo / f"export/{NET}/model.keras")
     np.testing.assert_allclose(native.predict(images, verbose=0), expected, atol=1e-5)
