@@ -203,6 +203,8 @@ class SpeedParams(_Section):
     threads: Annotated[int, Field(ge=1)] | None = None
     # under the torch backend: copy-free channels-last convolutions and fused batch norm
     fused_kernels: bool = True
+    # Keras' backend for training; auto: the KERAS_BACKEND environment variable, else tensorflow
+    backend: Literal["auto", "tensorflow", "jax", "torch"] = "auto"
 
 
 class Params(_Section):

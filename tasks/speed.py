@@ -17,6 +17,9 @@ says. They change how the arithmetic runs:
 - ``threads``: intra-op threads on a CPU, for TensorFlow and torch (null: all cores).
 - ``fused_kernels``: under the torch backend, convolutions without layout copies and batch norm
   as one fused kernel (tasks/torch_kernels.py); the same arithmetic, faster.
+- ``backend``: Keras' backend for the train stage (:func:`select_backend`, before Keras is
+  imported). ``auto`` leaves the choice to ``KERAS_BACKEND`` (tensorflow if unset). As a param
+  it is a dependency of the train stages, so switching it retrains.
 
 The settings used are recorded in models/<name>/params.json (``speed``), so a figure can be
 traced to the precision it was trained in.
@@ -24,12 +27,44 @@ traced to the precision it was trained in.
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+# the package each backend needs, and how to get it
+BACKEND_PACKAGES = {
+    "tensorflow": ("tensorflow", "it is in requirements.lock: make install"),
+    "jax": ("jax", "pip install -e .[test] (jax[cpu]) or a CUDA build of JAX"),
+    "torch": ("torch", "pip install -e .[benchmark] (PyTorch's CPU build: docs/benchmarks.md)"),
+}
+
+
+def select_backend(backend: str) -> str | None:
+    """Make ``backend`` (params.yaml ``speed.backend``) Keras' backend in this process.
+
+    Call before Keras is imported. ``auto`` changes nothing and returns None. Raises ValueError,
+    naming the key and the fix, when the backend's package is missing or Keras already runs
+    on another backend in this process.
+    """
+    if backend == "auto":
+        return None
+    package, how = BACKEND_PACKAGES[backend]
+    if importlib.util.find_spec(package) is None:
+        raise ValueError(f"speed.backend = {backend!r} needs {package}, which is not installed: "
+                         f"{how}; or set speed.backend: auto in params.yaml")
+    keras = sys.modules.get("keras")
+    if keras is not None and keras.backend.backend() != backend:
+        raise ValueError(
+            f"speed.backend = {backend!r}, but Keras already runs on "
+            f"{keras.backend.backend()!r} in this process (it picks its backend once, at "
+            f"import): run training in a new process (python -m tasks.train), or set "
+            f"speed.backend: auto")
+    os.environ["KERAS_BACKEND"] = backend
+    return backend
 
 
 @cache
@@ -105,6 +140,7 @@ def apply(speed: Any) -> dict[str, Any]:
 
     Returns the resolved settings, also what :func:`compile_options` takes.
     """
+    select_backend(speed.backend)  # a no-op when Keras already runs on it; else the error
     import keras
 
     fused = False

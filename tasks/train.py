@@ -267,6 +267,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = parser.parse_args(argv)
     params = load_params_or_exit(args.params, args.model)
+    from tasks.speed import select_backend
+
+    try:
+        select_backend(params.speed.backend)  # before anything imports Keras
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
 
     from dvclive import Live
 

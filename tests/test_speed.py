@@ -29,7 +29,8 @@ def raw_params(**speed) -> dict:
 
 
 @pytest.mark.parametrize("key,value", [("precision", "float8"), ("steps_per_execution", 0),
-                                       ("threads", 0), ("jit_compile", "sometimes")])
+                                       ("threads", 0), ("jit_compile", "sometimes"),
+                                       ("backend", "mxnet"), ("fused_kernels", "sometimes")])
 def test_bad_speed_settings_name_the_key(key, value):
     with pytest.raises(ParamsError, match=rf"speed\.{key}"):
         parse_params(raw_params(**{key: value}))
@@ -94,3 +95,59 @@ def test_speed_settings_reach_compile(tmp_path):
     assert result.speed == {**result.speed, "precision": "float32", "jit_compile": True,
                             "steps_per_execution": 4}
     assert SpeedParams().precision == "auto"
+
+
+# --- speed.backend ----------------------------------------------------------------------------
+
+
+def test_auto_backend_leaves_keras_choice_alone(monkeypatch):
+    monkeypatch.setenv("KERAS_BACKEND", "something-else")
+    assert speed_module.select_backend("auto") is None
+    assert speed_module.select_backend("auto") is None
+    import os
+
+    assert os.environ["KERAS_BACKEND"] == "something-else"
+
+
+def test_a_backend_keras_does_not_run_on_is_refused_once_keras_is_imported():
+    other = "jax" if keras.backend.backend() != "jax" else "tensorflow"
+    with pytest.raises(ValueError, match=r"speed\.backend = '\w+'.*new process"):
+        speed_module.select_backend(other)
+    assert speed_module.select_backend(keras.backend.backend()) == keras.backend.backend()
+
+
+def test_a_missing_backend_package_names_the_install(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "torch" else real(name, *a))
+    with pytest.raises(ValueError, match=r"speed\.backend = 'torch' needs torch.*pip install"):
+        speed_module.select_backend("torch")
+
+
+def test_the_train_stage_trains_under_the_backend_params_name(tmp_path):
+    """``python -m tasks.train`` with ``speed.backend: jax`` and KERAS_BACKEND=tensorflow in
+    its environment: the param wins, and params.json records it."""
+    pytest.importorskip("jax", reason="install the test extra (jax[cpu]) to test JAX")
+    import json
+    import subprocess
+    import sys
+
+    from tasks.preprocess import save_prepared
+    from tests.conftest import stage_environment
+
+    raw = raw_params(backend="jax", jit_compile=False)
+    raw["model"]["names"] = ["simple_cnn"]
+    raw["train"] = {**raw["train"], "epochs": 1, "batch_size": 16}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    save_prepared(tiny_prepared(), tmp_path / "prepared")
+    env = {**stage_environment(), "KERAS_BACKEND": "tensorflow"}
+    done = subprocess.run(
+        [sys.executable, "-m", "tasks.train", "--params", str(tmp_path / "params.yaml"),
+         "--data", str(tmp_path / "prepared"), "--out", str(tmp_path / "model"),
+         "--live", str(tmp_path / "live"), "--plots", str(tmp_path / "plots")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    recorded = json.loads((tmp_path / "model" / "params.json").read_text())["speed"]
+    assert recorded["backend"] == "jax"
