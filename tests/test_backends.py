@@ -116,7 +116,10 @@ def test_one_training_step_under_jax(jax_results, name):
     _check(jax_results[name], name)
 
 
+# the module fixture steps every deeper variant in one subprocess (up to its 3600 s limit),
+# inside the first test's setup: the suite's 900 s per-test limit would cut it short
 @pytest.mark.slow
+@pytest.mark.timeout(3600)
 @pytest.mark.parametrize("name", DEEPER)
 def test_one_training_step_under_jax_deeper_variants(jax_results_deeper, name):
     _check(jax_results_deeper[name], name)
@@ -131,6 +134,7 @@ def tf_results_very_deep() -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # as above
 @pytest.mark.parametrize("name", VERY_DEEP)
 def test_one_training_step_under_tensorflow_very_deep(tf_results_very_deep, name):
     _check(tf_results_very_deep[name], name)
