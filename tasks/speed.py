@@ -143,8 +143,8 @@ def apply(speed: Any) -> dict[str, Any]:
     select_backend(speed.backend)  # a no-op when Keras already runs on it; else the error
     import keras
 
-    fused = False
-    if speed.threads is not None and keras.backend.backend() == "tensorflow":
+    backend = keras.backend.backend()
+    if speed.threads is not None and backend == "tensorflow":
         import tensorflow as tf
 
         # must happen before TensorFlow runs its first op; a second call is refused by TF
@@ -152,7 +152,8 @@ def apply(speed: Any) -> dict[str, Any]:
             tf.config.threading.set_intra_op_parallelism_threads(speed.threads)
         except RuntimeError:
             pass
-    if keras.backend.backend() == "torch":
+    fused = False
+    if backend == "torch":
         import torch
 
         if speed.threads is not None:
@@ -169,7 +170,7 @@ def apply(speed: Any) -> dict[str, Any]:
         "steps_per_execution": speed.steps_per_execution,
         "threads": speed.threads or os.cpu_count(),
         "fused_kernels": fused,
-        "backend": keras.backend.backend(),
+        "backend": backend,
         "device": accelerator() or "cpu",
     }
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import keras
@@ -103,9 +104,6 @@ def test_speed_settings_reach_compile(tmp_path):
 def test_auto_backend_leaves_keras_choice_alone(monkeypatch):
     monkeypatch.setenv("KERAS_BACKEND", "something-else")
     assert speed_module.select_backend("auto") is None
-    assert speed_module.select_backend("auto") is None
-    import os
-
     assert os.environ["KERAS_BACKEND"] == "something-else"
 
 
