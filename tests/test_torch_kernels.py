@@ -31,6 +31,7 @@ def make():
     x = keras.layers.Conv2D(5, 1, strides=2, padding="valid", dilation_rate=1)(x)
     x = keras.layers.BatchNormalization(scale=False)(x)
     x = keras.layers.Conv2D(4, 2, padding="valid", use_bias=False)(x)
+    x = keras.layers.Conv2D(3, 1)(x)  # a bias with a gradient: no batch norm after it
     return keras.Model(inputs, keras.layers.Flatten()(x))
 
 # a batch whose memory is not NHWC (height and width swapped), as a flip or crop can leave it
@@ -106,7 +107,7 @@ def test_fused_layers_compute_what_keras_computes() -> None:
     keras_own, fused = results["keras"], results["fused"]
     np.testing.assert_allclose(fused["out"], keras_own["out"], rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(fused["inference"], keras_own["inference"], rtol=1e-4, atol=1e-5)
-    assert len(fused["grads"]) == len(keras_own["grads"]) == 11  # 4 kernels, 3 biases, 4 BN
+    assert len(fused["grads"]) == len(keras_own["grads"]) == 13  # 5 kernels, 4 biases, 4 BN
     # a bias followed by batch norm has a gradient of zero up to rounding: absolute tolerance
     # against the largest gradient, not against that bias's own rounding noise
     scale = max(np.abs(theirs).max() for theirs in keras_own["grads"])
@@ -118,7 +119,7 @@ def test_fused_layers_compute_what_keras_computes() -> None:
         np.testing.assert_allclose(mine, theirs, rtol=1e-5, atol=1e-6)
     # every conv and batch norm output stays in channels-last memory, whatever the input's
     # strides: torch's NCHW kernels are the slow ones on CPU
-    assert results["layouts"] == [True] * 7
+    assert results["layouts"] == [True] * 8
 
 
 def test_a_net_trains_the_same_with_and_without_fused_kernels() -> None:
