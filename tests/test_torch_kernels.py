@@ -1,7 +1,8 @@
 """tasks/torch_kernels.py: under Keras' torch backend, the copy-free convolution and the fused
 batch norm compute what Keras' own kernels compute: outputs, gradients, moving statistics and a
-few training steps of a real net. Runs in subprocesses (Keras picks its backend at import);
-needs torch (``pip install -e .[benchmark]``)."""
+few training steps of a real net, with every activation kept channels-last, eagerly and under
+``jit_compile``. Runs in subprocesses (Keras picks its backend at import); needs torch
+(``pip install -e .[benchmark]``)."""
 
 from __future__ import annotations
 
@@ -101,6 +102,12 @@ def _under_torch(script: str, *args: str) -> dict:
     return json.loads(line.removeprefix("RESULTS "))
 
 
+@pytest.fixture(scope="module")
+def plain() -> dict:
+    """The training script with Keras' own kernels: what the other modes are compared with."""
+    return _under_torch(TRAINING, "plain")
+
+
 def test_fused_layers_compute_what_keras_computes() -> None:
     results = _under_torch(LAYERS)
     assert results["installed"] is True
@@ -122,9 +129,8 @@ def test_fused_layers_compute_what_keras_computes() -> None:
     assert results["layouts"] == [True] * 8
 
 
-def test_a_net_trains_the_same_with_and_without_fused_kernels() -> None:
+def test_a_net_trains_the_same_with_and_without_fused_kernels(plain) -> None:
     fused = _under_torch(TRAINING, "fused")
-    plain = _under_torch(TRAINING, "plain")
     assert fused["resolved"]["fused_kernels"] is True
     assert plain["resolved"]["fused_kernels"] is False
     assert fused["resolved"]["backend"] == "torch"
@@ -141,11 +147,10 @@ def test_install_leaves_other_backends_alone() -> None:
     assert torch_kernels.install() is False
 
 
-def test_fused_kernels_step_aside_under_torch_compile() -> None:
+def test_fused_kernels_step_aside_under_torch_compile(plain) -> None:
     # speed.jit_compile under torch traces Keras' own code; the fused kernels used to make
     # Inductor fail on the batch's dynamic shape
     compiled = _under_torch(TRAINING, "fused+jit")
-    plain = _under_torch(TRAINING, "plain")
     assert compiled["resolved"]["jit_compile"] is True
     assert compiled["resolved"]["fused_kernels"] is True
     np.testing.assert_allclose(compiled["losses"], plain["losses"], rtol=2e-3)
