@@ -306,9 +306,23 @@ class ActivationStats(keras.callbacks.Callback):
             self._epoch_start += self._batches_in_epoch
         self._batches_in_epoch = 0
 
+    # A batch's statistics are taken when the next batch begins, or at the epoch's end, in the
+    # main thread: on_train_batch_end only counts, so it may run in Keras' callback thread, and
+    # the device does not wait for every batch's loss (JAX and torch backends).
+    async_safe = True
+
+    def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
+        if batch > 0:
+            self._record_if_due(self._epoch_start + batch - 1)
+
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
         self._batches_in_epoch = max(self._batches_in_epoch, batch + 1)
-        step = self._epoch_start + batch
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if self._batches_in_epoch:  # Keras has waited for the epoch's batch callbacks
+            self._record_if_due(self._epoch_start + self._batches_in_epoch - 1)
+
+    def _record_if_due(self, step: int) -> None:
         if step % self.every == 0:
             self.record(step)
 

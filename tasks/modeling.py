@@ -340,7 +340,15 @@ class NonFiniteLossError(RuntimeError):
 
 
 class StopOnNonFinite(keras.callbacks.Callback):
-    """Raise as soon as a batch loss is NaN or infinite (Keras' TerminateOnNaN only stops quietly)."""
+    """Raise when a batch loss is NaN or infinite (Keras' TerminateOnNaN only stops quietly).
+
+    Safe for Keras' asynchronous callback dispatch (JAX and torch backends): the check then runs
+    in Keras' callback thread and the device is not made to wait for each batch's loss; the
+    error reaches ``fit`` a batch or two later, and at the latest before the epoch's end
+    callbacks save anything.
+    """
+
+    async_safe = True
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
         loss = (logs or {}).get("loss")

@@ -293,6 +293,10 @@ class OneCycle(keras.callbacks.Callback):
         self.history.append((step, lr, momentum))
         self._last = (lr, momentum)
 
+    # on_train_batch_end only counts batches: safe in Keras' callback thread, so this callback
+    # does not make the device wait for each batch (JAX and torch backends)
+    async_safe = True
+
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
         # steps_per_execution > 1 reports the last batch of the execution here
         self._batches_in_epoch = max(self._batches_in_epoch, batch + 1)
