@@ -5,7 +5,8 @@
 #   bash benchmarks/gpu.sh [OUT_DIR] [CIFAR10_IMAGEFOLDER_TAR_GZ]
 #
 # Keras runs on the JAX backend (TensorFlow is not needed). Writes OUT_DIR/throughput-*.json,
-# memory.json and, when the CIFAR-10 archive is given, precision.json, and echoes everything.
+# train_stage.json, memory.json and, when the CIFAR-10 archive is given, precision.json, and
+# echoes everything.
 set -euo pipefail
 out=${1:-benchmarks/out-gpu}
 cifar=${2:-}
@@ -22,6 +23,9 @@ for net in resnet56_v1 resnet110_v2 densenet_bc_100_k12; do
         --keras-configs params --torch-configs bf16+channels_last,bf16+channels_last+compile \
         --json "$out/throughput-$net.json"
 done
+# the train stage's own loop (callbacks, validation) against the bare fit
+$py benchmarks/train_stage.py --device gpu --images 50000 --val 10000 --epochs 2 \
+    --json "$out/train_stage.json"
 $py benchmarks/memory.py --device gpu --batches 32,64,128,256 --json "$out/memory.json"
 if [ -n "$cifar" ]; then
     $py benchmarks/precision_accuracy.py --source "$cifar" --epochs "${EPOCHS:-15}" \

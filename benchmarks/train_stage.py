@@ -10,14 +10,15 @@ activation statistics. This script times, each in its own process and after a wa
 
 - ``bare``: throughput.py's loop (params.yaml's speed settings, Adam, no validation);
 - ``stage``: ``train()`` with params.yaml and ``--recipe`` (default: the paper's), at ``--batch``;
-  its epoch time is split into training and validation;
+  its epoch time is split into training and the rest (validation, then the epoch-end
+  callbacks: the checkpoint save and the like);
 - ``stage+batch-hook``: the same with one more callback that reads each batch's loss on the
   host, as any callback with a per-batch hook makes Keras do (it turns off Keras' asynchronous
   callback dispatch); the train stage's own callbacks avoid this;
 - ``stage+activation-stats``: the same with ``train.activation_stats: true``.
 
 It prints images/s of each and the ratio of the stage's training part to the bare loop's
-(1.0: the stage adds nothing to training; validation is reported beside it). Data: random uint8
+(1.0: the stage adds nothing to training; the rest is reported beside it). Data: random uint8
 images of CIFAR-10's shape.
 """
 
@@ -67,6 +68,8 @@ def run_stage(args, config: str) -> dict:
             self.started = time.perf_counter()
 
         def on_test_begin(self, logs=None):
+            # training steps are dispatched asynchronously: wait until the last one is done
+            keras.ops.convert_to_numpy(self.model.trainable_weights[-1])
             self.trained = time.perf_counter()
 
         def on_epoch_end(self, epoch, logs=None):
@@ -83,9 +86,9 @@ def run_stage(args, config: str) -> dict:
     fit = keras.Model.fit
 
     def fit_with_timer(self, *a, callbacks=None, **kw):
-        return fit(self, *a, callbacks=[*extra, *(callbacks or [])], **kw)
+        return fit(self, *a, callbacks=[*(callbacks or []), *extra], **kw)
 
-    keras.Model.fit = fit_with_timer  # the stage's fit, with the timer first in line
+    keras.Model.fit = fit_with_timer  # the stage's fit, the timer last: it counts the others
     with tempfile.TemporaryDirectory() as tmp:
         result = train(params, prepared, Path(tmp) / "model.keras", verbose=0)
     return {"times": times[1:], "validation": validation[1:], "resolved": result.speed}
@@ -162,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         results[config] = got
         print(f"  {config:<24} {got['images_per_s']:9.1f} img/s  train {got['train_seconds']:7.2f}"
-              f" s + validation {got['validation_seconds']:6.2f} s per epoch  "
+              f" s + validation etc. {got['validation_seconds']:6.2f} s per epoch  "
               f"{got['resolved']}", flush=True)
     report = {"date": time.strftime("%Y-%m-%d"), "net": args.net, "device": args.device,
               "backend": backend, "recipe": args.recipe, "batch": args.batch,
