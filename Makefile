@@ -37,7 +37,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	bash scripts/test-data.sh
 	$(BIN)/ruff check nets tasks flows tests scripts benchmarks
-	$(BIN)/python -m pytest -m "not slow" -q
+	$(BIN)/python -m pytest -m "not slow" -q --durations=15
 
 lint: $(STAMP)
 	$(BIN)/ruff check nets tasks flows tests scripts benchmarks
