@@ -200,18 +200,24 @@ def measure(impl: str, net: str, config: str, args) -> dict:
                "--batch", str(args.batch), "--steps", str(args.steps), "--images",
                str(args.images or 0), "--epochs",
                str(args.epochs), "--device", args.device]
-    env = {**os.environ, "DEEPNETS_BENCH_DEVICE": args.device, "TF_CPP_MIN_LOG_LEVEL": "2",
+    result = run_worker(command, args.device, f"{impl} {config}")
+    if "error" not in result:
+        best = min(result["times"])
+        result["images_per_s"] = images_per_epoch(args) / best
+        result["epoch_seconds"] = best
+    return result
+
+
+def run_worker(command: list[str], device: str, name: str) -> dict:
+    """Run one measurement process; its ``RESULT`` line, or ``{"error": ...}`` with its tail."""
+    env = {**os.environ, "DEEPNETS_BENCH_DEVICE": device, "TF_CPP_MIN_LOG_LEVEL": "2",
            "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
     for line in done.stdout.splitlines():
         if line.startswith("RESULT "):
-            result = json.loads(line[7:])
-            best = min(result["times"])
-            result["images_per_s"] = images_per_epoch(args) / best
-            result["epoch_seconds"] = best
-            return result
+            return json.loads(line[7:])
     tail = "\n".join((done.stdout + done.stderr).splitlines()[-15:])
-    return {"error": f"{impl} {config} failed (exit {done.returncode}):\n{tail}"}
+    return {"error": f"{name} failed (exit {done.returncode}):\n{tail}"}
 
 
 def versions() -> dict:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -111,20 +110,16 @@ def measure(config: str, args) -> dict:
     command = [sys.executable, __file__, "--worker", "--config", config, "--net", args.net,
                "--batch", str(args.batch), "--images", str(args.images), "--val", str(args.val),
                "--epochs", str(args.epochs), "--recipe", args.recipe, "--device", args.device]
-    env = {**os.environ, "DEEPNETS_BENCH_DEVICE": args.device, "TF_CPP_MIN_LOG_LEVEL": "2",
-           "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
-    for line in done.stdout.splitlines():
-        if line.startswith("RESULT "):
-            result = json.loads(line[7:])
-            best = min(range(len(result["times"])), key=lambda i: result["times"][i])
-            result["epoch_seconds"] = result["times"][best]
-            result["validation_seconds"] = result["validation"][best]
-            result["train_seconds"] = result["times"][best] - result["validation"][best]
-            result["images_per_s"] = args.images / result["train_seconds"]
-            return result
-    tail = "\n".join((done.stdout + done.stderr).splitlines()[-15:])
-    return {"error": f"{config} failed (exit {done.returncode}):\n{tail}"}
+    from benchmarks.throughput import run_worker
+
+    result = run_worker(command, args.device, config)
+    if "error" not in result:
+        best = min(range(len(result["times"])), key=lambda i: result["times"][i])
+        result["epoch_seconds"] = result["times"][best]
+        result["validation_seconds"] = result["validation"][best]
+        result["train_seconds"] = result["times"][best] - result["validation"][best]
+        result["images_per_s"] = args.images / result["train_seconds"]
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
