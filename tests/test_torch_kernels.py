@@ -91,6 +91,67 @@ print("RESULTS " + json.dumps({"resolved": resolved, "losses": losses,
 """
 
 
+DIRECT = r"""
+import collections, json
+import numpy as np
+import keras, torch
+from keras.src.layers.layer import Layer
+from tasks import torch_kernels
+
+calls = collections.Counter()  # which layers went through Layer.__call__
+keras_call = Layer.__call__
+def counting_call(self, *args, **kwargs):
+    calls[type(self).__name__] += 1
+    return keras_call(self, *args, **kwargs)
+Layer.__call__ = counting_call
+
+def make():
+    keras.utils.set_random_seed(3)
+    block_in = keras.Input((6, 6, 4))
+    a = keras.layers.Conv2D(4, 3, padding="same", use_bias=False)(block_in)
+    a = keras.layers.BatchNormalization()(a)
+    a = keras.layers.Activation("relu")(a)
+    block = keras.Model(block_in, keras.layers.Add()([block_in, a]), name="block")  # nested
+    inputs = keras.Input((6, 6, 3))
+    x = keras.layers.Conv2D(4, 1)(inputs)
+    x = block(x)
+    # an activity regulariser adds a loss in Layer.__call__: this layer must keep it
+    y = keras.layers.Conv2D(2, 1, activity_regularizer=keras.regularizers.L2(0.1))(x)
+    x = keras.layers.Concatenate()([x, y])  # a list argument
+    x = keras.layers.Dropout(0.5)(x)        # needs the training flag
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    x = keras.layers.Dense(5, dtype="mixed_bfloat16")(x)  # another policy: Keras' call
+    # a bfloat16 input that Layer.__call__ casts to float32: Keras' call too
+    outputs = keras.layers.Dense(3, activation="softmax")(x)
+    return keras.Model(inputs, outputs)
+
+x = torch.from_numpy(np.random.default_rng(0).standard_normal((4, 6, 6, 3)).astype("float32"))
+
+def run():
+    model = make()
+    calls.clear()
+    out = model(x, training=True)
+    train_calls = dict(calls)
+    losses = [float(loss) for loss in model.losses]
+    ((out ** 2).sum() + sum(model.losses)).backward()
+    calls.clear()
+    inference = model(x, training=False)
+    inference_calls = dict(calls)
+    calls.clear()
+    unflagged = model(x)  # no training flag: Keras' own walk
+    return {"out": out.detach().tolist(), "inference": inference.detach().tolist(),
+            "unflagged": unflagged.detach().tolist(), "losses": losses,
+            "grads": [w.value.grad.tolist() for w in model.trainable_weights],
+            "stats": [w.numpy().tolist() for w in model.non_trainable_weights],
+            "train_calls": train_calls, "inference_calls": inference_calls,
+            "unflagged_calls": dict(calls)}
+
+keras_own = run()
+installed = torch_kernels.install()
+print("RESULTS " + json.dumps({"installed": installed, "keras": keras_own, "direct": run()}))
+"""
+
+
 def _under_torch(script: str, *args: str) -> dict:
     pytest.importorskip("torch", reason="install the benchmark extra (torch) to test the torch backend")
     env = stage_environment()
@@ -127,6 +188,31 @@ def test_fused_layers_compute_what_keras_computes() -> None:
     # every conv and batch norm output stays in channels-last memory, whatever the input's
     # strides: torch's NCHW kernels are the slow ones on CPU
     assert results["layouts"] == [True] * 8
+
+
+def test_plain_layers_are_called_directly_and_compute_what_keras_computes() -> None:
+    results = _under_torch(DIRECT)
+    assert results["installed"] is True
+    keras_own, direct = results["keras"], results["direct"]
+    every_layer = {"Functional": 2, "Conv2D": 3, "BatchNormalization": 1, "Activation": 1,
+                   "Add": 1, "Concatenate": 1, "Dropout": 1, "GlobalAveragePooling2D": 1,
+                   "Dense": 2}
+    assert keras_own["train_calls"] == every_layer
+    # with a training flag, only the models and the layers that need Keras' bookkeeping go
+    # through Layer.__call__: the regularised conv and the two Dense (another dtype policy,
+    # and a bfloat16 input to cast)
+    expected = {"Functional": 2, "Conv2D": 1, "Dense": 2}
+    assert direct["train_calls"] == expected
+    assert direct["inference_calls"] == expected
+    assert direct["unflagged_calls"] == every_layer
+    for key in ("out", "inference", "unflagged", "losses"):
+        np.testing.assert_allclose(direct[key], keras_own[key], rtol=1e-5, atol=1e-6)
+    assert len(direct["losses"]) == 1  # the activity regulariser's loss was recorded
+    assert len(direct["grads"]) == len(keras_own["grads"]) == 11
+    for mine, theirs in zip(direct["grads"], keras_own["grads"], strict=True):
+        np.testing.assert_allclose(mine, theirs, rtol=1e-5, atol=1e-6)
+    for mine, theirs in zip(direct["stats"], keras_own["stats"], strict=True):
+        np.testing.assert_allclose(mine, theirs, rtol=1e-5, atol=1e-6)
 
 
 def test_a_net_trains_the_same_with_and_without_fused_kernels(plain) -> None:
