@@ -109,12 +109,21 @@ def make():
     keras.utils.set_random_seed(3)
     block_in = keras.Input((6, 6, 4))
     a = keras.layers.Conv2D(4, 3, padding="same", use_bias=False)(block_in)
-    a = keras.layers.BatchNormalization()(a)
+    a = keras.layers.BatchNormalization(momentum=0.5, gamma_initializer="random_normal",
+                                        beta_initializer="random_normal")(a)
     a = keras.layers.Activation("relu")(a)
     block = keras.Model(block_in, keras.layers.Add()([block_in, a]), name="block")  # nested
     inputs = keras.Input((6, 6, 3))
     x = keras.layers.Conv2D(4, 1)(inputs)
     x = block(x)
+    x = keras.layers.ZeroPadding2D(((1, 0), (0, 1)))(x)  # 7 x 7
+    # TensorFlow's asymmetric "same" at stride 2, and a ReLU inside the convolution
+    x = keras.layers.Conv2D(4, 3, strides=2, padding="same", activation="relu")(x)
+    x = keras.layers.ReLU(max_value=0.5)(x)  # a clipped ReLU: its own call, in Keras' layout
+    x = keras.layers.MaxPooling2D(2, strides=1)(x)
+    x = keras.layers.BatchNormalization(scale=False, beta_initializer="random_normal")(x)
+    x = keras.layers.ReLU()(x)
+    x = keras.layers.AveragePooling2D(2, strides=1)(x)
     # an activity regulariser adds a loss in Layer.__call__: this layer must keep it
     y = keras.layers.Conv2D(2, 1, activity_regularizer=keras.regularizers.L2(0.1))(x)
     x = keras.layers.Concatenate()([x, y])  # a list argument
@@ -125,9 +134,33 @@ def make():
     outputs = keras.layers.Dense(3, activation="softmax")(x)
     return keras.Model(inputs, outputs)
 
+def chain():  # plain layers only, as in the nets: three convolutions
+    keras.utils.set_random_seed(4)
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(4, 3, padding="same")(inputs)
+    x = keras.layers.BatchNormalization()(x)
+    x = keras.layers.Activation("relu")(x)
+    y = keras.layers.Conv2D(4, 3, padding="same")(x)
+    y = keras.layers.BatchNormalization()(y)
+    x = keras.layers.Activation("relu")(keras.layers.Add()([x, y]))
+    x = keras.layers.Conv2D(4, 3, strides=2, padding="same")(x)
+    x = keras.layers.AveragePooling2D(4)(x)
+    return keras.Model(inputs, keras.layers.Dense(2)(keras.layers.Flatten()(x)))
+
+def permutes(out):  # PermuteBackward nodes in the autograd graph of a training call
+    found, seen, stack = 0, set(), [out.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            found += type(node).__name__ == "PermuteBackward0"
+            stack.extend(next_node for next_node, _ in node.next_functions)
+    return found
+
 x = torch.from_numpy(np.random.default_rng(0).standard_normal((4, 6, 6, 3)).astype("float32"))
 
 def run():
+    chain_permutes = permutes(chain()(x.repeat(1, 2, 2, 1)[:, :8, :8], training=True))
     model = make()
     calls.clear()
     out = model(x, training=True)
@@ -144,6 +177,7 @@ def run():
             "grads": [w.value.grad.tolist() for w in model.trainable_weights],
             "stats": [w.numpy().tolist() for w in model.non_trainable_weights],
             "train_calls": train_calls, "inference_calls": inference_calls,
+            "chain_permutes": chain_permutes,
             "unflagged_calls": dict(calls)}
 
 keras_own = run()
@@ -194,7 +228,8 @@ def test_plain_layers_are_called_directly_and_compute_what_keras_computes() -> N
     results = _under_torch(DIRECT)
     assert results["installed"] is True
     keras_own, direct = results["keras"], results["direct"]
-    every_layer = {"Functional": 2, "Conv2D": 3, "BatchNormalization": 1, "Activation": 1,
+    every_layer = {"Functional": 2, "Conv2D": 4, "BatchNormalization": 2, "Activation": 1,
+                   "ReLU": 2, "ZeroPadding2D": 1, "MaxPooling2D": 1, "AveragePooling2D": 1,
                    "Add": 1, "Concatenate": 1, "Dropout": 1, "GlobalAveragePooling2D": 1,
                    "Dense": 2}
     assert keras_own["train_calls"] == every_layer
@@ -205,10 +240,15 @@ def test_plain_layers_are_called_directly_and_compute_what_keras_computes() -> N
     assert direct["train_calls"] == expected
     assert direct["inference_calls"] == expected
     assert direct["unflagged_calls"] == every_layer
+    # between plain layers tensors stay in torch's NCHW view: the permutations left are the
+    # three kernels' HWIO -> OIHW and one back to NHWC for the Flatten (Keras' own walk
+    # permutes every convolution's kernel, input and output)
+    assert direct["chain_permutes"] == 4
+    assert keras_own["chain_permutes"] >= 9
     for key in ("out", "inference", "unflagged", "losses"):
         np.testing.assert_allclose(direct[key], keras_own[key], rtol=1e-5, atol=1e-6)
     assert len(direct["losses"]) == 1  # the activity regulariser's loss was recorded
-    assert len(direct["grads"]) == len(keras_own["grads"]) == 11
+    assert len(direct["grads"]) == len(keras_own["grads"]) == 14
     for mine, theirs in zip(direct["grads"], keras_own["grads"], strict=True):
         np.testing.assert_allclose(mine, theirs, rtol=1e-5, atol=1e-6)
     for mine, theirs in zip(direct["stats"], keras_own["stats"], strict=True):
