@@ -201,7 +201,8 @@ class SpeedParams(_Section):
     steps_per_execution: Annotated[int, Field(ge=1)] = 1
     # intra-op CPU threads for TensorFlow and torch; null: all cores
     threads: Annotated[int, Field(ge=1)] | None = None
-    # under the torch backend: copy-free channels-last convolutions and fused batch norm
+    # under the torch backend: copy-free channels-last convolutions, fused batch norm, and
+    # plain layers of functional models called without Layer.__call__
     fused_kernels: bool = True
     # Keras' backend for training; auto: the KERAS_BACKEND environment variable, else tensorflow
     backend: Literal["auto", "tensorflow", "jax", "torch"] = "auto"

@@ -15,8 +15,9 @@ says. They change how the arithmetic runs:
 - ``steps_per_execution``: training steps run per call into the compiled function; more means
   less Python between steps, but callbacks and the progress bar see the batches in groups.
 - ``threads``: intra-op threads on a CPU, for TensorFlow and torch (null: all cores).
-- ``fused_kernels``: under the torch backend, convolutions without layout copies and batch norm
-  as one fused kernel (tasks/torch_kernels.py); the same arithmetic, faster.
+- ``fused_kernels``: under the torch backend, convolutions without layout copies, batch norm
+  as one fused kernel, and a functional model's plain layers called directly in torch's layout
+  (tasks/torch_kernels.py); the same arithmetic, faster.
 - ``backend``: Keras' backend for the train stage (:func:`select_backend`, before Keras is
   imported). ``auto`` leaves the choice to ``KERAS_BACKEND`` (tensorflow if unset). As a param
   it is a dependency of the train stages, so switching it retrains.
