@@ -8,6 +8,7 @@ run takes every variant."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import subprocess
@@ -64,26 +65,59 @@ print("RESULTS " + json.dumps(results))
 """
 
 
-def _run_under(backend: str, names: list[str]) -> dict:
-    if backend == "jax":
-        pytest.importorskip("jax", reason="install the test extra (jax[cpu]) to test JAX")
+JAX_MISSING = "install the test extra (jax[cpu]) to test JAX"
+
+
+def _start(backend: str, names: list[str]) -> subprocess.Popen:
     env = stage_environment()
     env["KERAS_BACKEND"] = backend
-    result = subprocess.run([sys.executable, "-c", SCRIPT, *names], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=3600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    line = next(line for line in result.stdout.splitlines() if line.startswith("RESULTS "))
-    return json.loads(line.removeprefix("RESULTS "))
+    return subprocess.Popen([sys.executable, "-c", SCRIPT, *names], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _results(processes: dict[str, subprocess.Popen]) -> dict[str, dict]:
+    """Each subprocess's RESULTS line; every subprocess is ended before this returns."""
+    try:
+        found = {}
+        for backend, process in processes.items():
+            stdout, stderr = process.communicate(timeout=3600)
+            assert process.returncode == 0, f"{backend}: {stderr[-3000:]}"
+            line = next(line for line in stdout.splitlines() if line.startswith("RESULTS "))
+            found[backend] = json.loads(line.removeprefix("RESULTS "))
+        return found
+    finally:
+        for process in processes.values():
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+
+def _run_under(backend: str, names: list[str]) -> dict:
+    if backend == "jax":
+        pytest.importorskip("jax", reason=JAX_MISSING)
+    return _results({backend: _start(backend, names)})[backend]
 
 
 @pytest.fixture(scope="module")
-def tf_results() -> dict:
-    return _run_under("tensorflow", REGISTERED)
+def default_runs() -> dict[str, dict]:
+    """The default run's TensorFlow and JAX subprocesses, side by side: most of each one's
+    time is single-threaded (eager steps, tracing, XLA compiles), and CI has two cores."""
+    processes = {"tensorflow": _start("tensorflow", REGISTERED)}
+    if importlib.util.find_spec("jax") is not None:
+        processes["jax"] = _start("jax", ONE_PER_BUILDER)
+    return _results(processes)
 
 
 @pytest.fixture(scope="module")
-def jax_results() -> dict:
-    return _run_under("jax", ONE_PER_BUILDER)
+def tf_results(default_runs) -> dict:
+    return default_runs["tensorflow"]
+
+
+@pytest.fixture(scope="module")
+def jax_results(default_runs) -> dict:
+    if "jax" not in default_runs:
+        pytest.skip(JAX_MISSING)
+    return default_runs["jax"]
 
 
 @pytest.fixture(scope="module")
