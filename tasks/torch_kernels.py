@@ -13,10 +13,11 @@ quarter slower than the same net written directly in PyTorch (docs/benchmarks.md
 - ``conv`` and ``Conv2D.call``: a 4-D channels-last convolution passes torch a permuted *view*
   of the input, which already is an NCHW tensor in channels-last memory format, so nothing is
   copied; the output is channels-last too, and permuting it back is free. The bias goes into
-  torch's convolution, and asymmetric padding is done in NHWC. An input whose memory is not
-  NHWC (an augmented batch can be a strided view) is copied to it once: from a strided input
-  torch picks its NCHW kernels, and every later layer then follows in that layout, which cost
-  about a tenth of ResNet20 v1's step. Every other case goes to Keras' own code.
+  torch's convolution, and asymmetric padding is done in that channels-last memory. An input
+  whose memory is not NHWC (an augmented batch can be a strided view) is copied to it once:
+  from a strided input torch picks its NCHW kernels, and every later layer then follows in
+  that layout, which cost about a tenth of ResNet20 v1's step. Every other case goes to
+  Keras' own code.
 - ``BatchNormalization.call`` in training: ``torch.native_batch_norm`` on the same view, one
   kernel forward and one backward. The moving averages are updated by Keras' own formula from
   the batch mean and the biased variance the kernel returns, so they match Keras exactly.
@@ -59,6 +60,7 @@ def install() -> bool:
         return False
     try:
         from keras.src.backend import standardize_data_format
+        from keras.src.backend.common.stateless_scope import in_stateless_scope
         from keras.src.backend.torch import nn as torch_nn
         from keras.src.layers.convolutional.base_conv import BaseConv
         from keras.src.layers.normalization.batch_normalization import BatchNormalization
@@ -84,38 +86,50 @@ def install() -> bool:
     # and these eager-mode kernels trip its stride analysis: Keras' own code is traced instead
     compiling = torch.compiler.is_compiling
 
-    def same_padding(size, kernel_size, strides, dilation_rate, padding):
-        """torch's symmetric ``padding`` for a 2-D convolution, and ``(left, right, top,
-        bottom)`` to pad first where TensorFlow's "same" is asymmetric (else None)."""
-        if padding != "same":
-            return 0, None
-        pads = [compute_padding(size[i], kernel_size[i], strides[i], dilation_rate[i])
-                for i in (0, 1)]
-        if all(left == right for left, right in pads):
-            return [left for left, _ in pads], None
+    def conv2d_nchw(x, kernel, bias, strides, padding, dilation_rate):
+        """A 2-D convolution of ``x``, an NCHW view in channels-last memory, by a Keras HWIO
+        ``kernel``, the bias fused; TensorFlow's asymmetric "same" is padded first."""
+        kernel = kernel.permute(3, 2, 0, 1)  # HWIO -> OIHW
+        pads = [(0, 0), (0, 0)]
+        if padding == "same":
+            pads = [compute_padding(x.shape[2 + i], kernel.shape[2 + i], strides[i],
+                                    dilation_rate[i]) for i in (0, 1)]
         (top, bottom), (left, right) = pads
-        return 0, (left, right, top, bottom)
+        if top != bottom or left != right:  # the odd pixel at the bottom/right
+            x = torch.nn.functional.pad(x, (left, right, top, bottom)).contiguous(
+                memory_format=torch.channels_last)
+            top = left = 0
+        return torch.nn.functional.conv2d(x, kernel, bias, stride=strides, padding=(top, left),
+                                          dilation=dilation_rate,
+                                          groups=x.shape[1] // kernel.shape[1])
 
     def conv2d(inputs, kernel, bias, strides, padding, dilation_rate):
         """A channels-last 2-D convolution in torch's channels-last kernels, bias fused."""
-        x = to_tensor(inputs)
-        kernel = to_tensor(kernel).permute(3, 2, 0, 1)  # HWIO -> OIHW
-        strides = standardize(strides, 2, "strides")
-        dilation_rate = standardize(dilation_rate, 2, "dilation_rate")
-        padding, pads = same_padding(x.shape[1:3], kernel.shape[2:], strides, dilation_rate,
-                                     padding)
-        if pads:  # TensorFlow's "same": the odd pixel at the bottom/right, padded in NHWC
-            left, right, top, bottom = pads
-            x = torch.nn.functional.pad(x, (0, 0, left, right, top, bottom))
         # an NCHW view of NHWC memory, which is torch's channels-last format: no copy. A batch
         # with other strides (flipped, transposed) is copied once here; left as it is, torch
         # would choose its NCHW kernels and every later layer would follow in that slower layout
-        x = x.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
-        bias = None if bias is None else to_tensor(bias)
-        y = torch.nn.functional.conv2d(x, kernel, bias, stride=strides, padding=padding,
-                                       dilation=dilation_rate,
-                                       groups=x.shape[1] // kernel.shape[1])
+        x = to_tensor(inputs).permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
+        y = conv2d_nchw(x, to_tensor(kernel), None if bias is None else to_tensor(bias),
+                        standardize(strides, 2, "strides"),
+                        padding, standardize(dilation_rate, 2, "dilation_rate"))
         return y.permute(0, 2, 3, 1)
+
+    def batch_norm_nchw(layer, x):
+        """Training-mode batch norm of an NCHW ``x`` in torch's one kernel; the moving averages
+        follow Keras' formula with the batch's biased variance."""
+        gamma = layer.gamma.value.float() if layer.scale else None
+        beta = layer.beta.value.float() if layer.center else None
+        y, mean, inverse_std = torch.native_batch_norm(
+            x, gamma, beta, None, None, True, 0.0, layer.epsilon)
+        with torch.no_grad():
+            variance = inverse_std.pow(-2).sub_(layer.epsilon)
+            momentum = layer.momentum
+            for moving, batch in ((layer.moving_mean, mean), (layer.moving_variance, variance)):
+                if in_stateless_scope():  # the scope collects the new value
+                    moving.assign(moving.value * momentum + batch * (1.0 - momentum))
+                else:  # in place, as Keras' own assign copies into the variable
+                    moving.value.mul_(momentum).add_(batch, alpha=1.0 - momentum)
+        return y
 
     def conv(inputs, kernel, strides=1, padding="valid", data_format=None, dilation_rate=1):
         data_format = standardize_data_format(data_format)
@@ -141,28 +155,20 @@ def install() -> bool:
         )
         if not fusable:
             return keras_call(self, inputs, training=training, mask=mask)
-        x = to_tensor(inputs).float().permute(0, 3, 1, 2)
-        gamma = self.gamma.value.float() if self.scale else None
-        beta = self.beta.value.float() if self.center else None
-        y, mean, inverse_std = torch.native_batch_norm(
-            x, gamma, beta, None, None, True, 0.0, self.epsilon)
-        with torch.no_grad():
-            variance = inverse_std.pow(-2) - self.epsilon  # the batch's biased variance
-            momentum = self.momentum
-            self.moving_mean.assign(self.moving_mean.value * momentum + mean * (1.0 - momentum))
-            self.moving_variance.assign(
-                self.moving_variance.value * momentum + variance * (1.0 - momentum))
+        y = batch_norm_nchw(self, to_tensor(inputs).float().permute(0, 3, 1, 2))
         return keras.ops.cast(y.permute(0, 2, 3, 1), self.compute_dtype)
 
     torch_nn.conv = conv
     BaseConv.call = conv_call
     BatchNormalization.call = call
-    _install_direct_calls(keras, torch, compiling, keras_conv_op, same_padding)
+    _install_direct_calls(keras, torch, compiling, keras_conv_op, conv2d_nchw,
+                          batch_norm_nchw)
     _installed = True
     return True
 
 
-def _install_direct_calls(keras, torch, compiling, keras_conv_op, same_padding) -> None:
+def _install_direct_calls(keras, torch, compiling, keras_conv_op, conv2d_nchw,
+                          batch_norm_nchw) -> None:
     """Run a functional model's plain layers without ``Layer.__call__``, in torch's layout.
 
     ``Layer.__call__`` converts arguments, resolves the training flag and masks, opens name and
@@ -236,50 +242,33 @@ def _install_direct_calls(keras, torch, compiling, keras_conv_op, same_padding) 
 
     # Each handler returns (output, is it NCHW?), or None where its case is not covered; the
     # layer's own call then runs on NHWC tensors.
-    def conv(layer, frame, keys, training, memo):
+    def conv(layer, frame, keys, training):
         activation = layer.activation
         if activation is not linear and activation is not relu_function:
             return None
         x = frame.nchw(keys[0])
         if x is None:
             return None
-        kernel = to_tensor(layer.kernel).permute(3, 2, 0, 1)  # HWIO -> OIHW
-        geometry = memo.get(x.shape[2:])
-        if geometry is None:
-            geometry = memo[x.shape[2:]] = same_padding(
-                x.shape[2:], kernel.shape[2:], layer.strides, layer.dilation_rate, layer.padding)
-        padding, pads = geometry
-        if pads:
-            x = functional.pad(x, pads).contiguous(memory_format=channels_last)
-        bias = to_tensor(layer.bias) if layer.use_bias else None
-        y = functional.conv2d(x, kernel, bias, layer.strides, padding, layer.dilation_rate,
-                              x.shape[1] // kernel.shape[1])
+        y = conv2d_nchw(x, to_tensor(layer.kernel),
+                        to_tensor(layer.bias) if layer.use_bias else None,
+                        layer.strides, layer.padding, layer.dilation_rate)
         return (torch.relu(y) if activation is relu_function else y), True
 
-    def batch_norm(layer, frame, keys, training, memo):
+    def batch_norm(layer, frame, keys, training):
         x = frame.nchw(keys[0])
         if x is None:
             return None
-        gamma = layer.gamma.value if layer.scale else None
-        beta = layer.beta.value if layer.center else None
-        epsilon = layer.epsilon
         if training and layer.trainable:
-            y, mean, inverse_std = torch.native_batch_norm(
-                x, gamma, beta, None, None, True, 0.0, epsilon)
-            with torch.no_grad():  # Keras' formula, with the batch's biased variance
-                momentum = layer.momentum
-                layer.moving_mean.value.mul_(momentum).add_(mean, alpha=1.0 - momentum)
-                layer.moving_variance.value.mul_(momentum).add_(
-                    inverse_std.pow(-2).sub_(epsilon), alpha=1.0 - momentum)
-            return y, True
+            return batch_norm_nchw(layer, x), True
         # inference: Keras' torch batch_normalization, per channel of the NCHW view
-        scale = layer.moving_variance.value.add(epsilon).rsqrt_()
-        if gamma is not None:
-            scale = scale.mul(gamma)
+        beta = layer.beta.value if layer.center else None
+        scale = layer.moving_variance.value.add(layer.epsilon).rsqrt_()
+        if layer.scale:
+            scale = scale.mul(layer.gamma.value)
         y = x.subtract(layer.moving_mean.value.view(1, -1, 1, 1)).mul_(scale.view(1, -1, 1, 1))
         return (y if beta is None else y.add_(beta.view(1, -1, 1, 1))), True
 
-    def relu(layer, frame, keys, training, memo):
+    def relu(layer, frame, keys, training):
         if isinstance(layer, layers.ReLU):
             if layer.negative_slope or layer.threshold or layer.max_value is not None:
                 return None
@@ -288,7 +277,7 @@ def _install_direct_calls(keras, torch, compiling, keras_conv_op, same_padding) 
         x, planar = frame.either(keys[0])
         return torch.relu(x), planar
 
-    def add(layer, frame, keys, training, memo):
+    def add(layer, frame, keys, training):
         planar = any(frame.either(key)[1] for key in keys)
         tensors = [frame.nchw(key) if planar else frame.nhwc(key) for key in keys]
         if planar and any(t is None or t.shape != tensors[0].shape for t in tensors):
@@ -298,13 +287,13 @@ def _install_direct_calls(keras, torch, compiling, keras_conv_op, same_padding) 
             y = torch.add(y, tensor)
         return y, planar
 
-    def concatenate(layer, frame, keys, training, memo):
+    def concatenate(layer, frame, keys, training):
         tensors = [frame.nchw(key) for key in keys]
         if layer.axis not in (-1, 3) or any(t is None for t in tensors):
             return None
         return torch.cat(tensors, dim=1), True
 
-    def pool(layer, frame, keys, training, memo):
+    def pool(layer, frame, keys, training):
         x = frame.nchw(keys[0])
         if x is None or layer.data_format != "channels_last" or layer.padding != "valid":
             return None
@@ -312,7 +301,7 @@ def _install_direct_calls(keras, torch, compiling, keras_conv_op, same_padding) 
                    else functional.avg_pool2d)
         return pooling(x, layer.pool_size, layer.strides), True
 
-    def zero_pad(layer, frame, keys, training, memo):
+    def zero_pad(layer, frame, keys, training):
         x = frame.nchw(keys[0])
         if x is None or layer.data_format != "channels_last":
             return None
@@ -320,13 +309,13 @@ def _install_direct_calls(keras, torch, compiling, keras_conv_op, same_padding) 
         return functional.pad(x, (left, right, top, bottom)).contiguous(
             memory_format=channels_last), True
 
-    def global_average(layer, frame, keys, training, memo):
+    def global_average(layer, frame, keys, training):
         x, planar = frame.either(keys[0])  # an NHWC input is averaged in Keras' layout
         if not planar or layer.data_format != "channels_last" or layer.keepdims:
             return None
         return x.mean((2, 3)), False
 
-    def keras_layout(layer, frame, keys, training, memo):
+    def keras_layout(layer, frame, keys, training):
         return None
 
     handlers = {getattr(layers, name): handler for name, handler in (
@@ -357,7 +346,7 @@ def _install_direct_calls(keras, torch, compiling, keras_conv_op, same_padding) 
 
     def make_plan(model):
         """[(layer, handler or None, takes training?, input keys, a list argument?, arguments,
-        output keys, memo)], or None where the graph needs Keras' own walk."""
+        output keys)], or None where the graph needs Keras' own walk."""
         known = {id(x) for x in model.inputs}
         steps = []
         for depth in sorted(model._nodes_by_depth, reverse=True):
@@ -384,7 +373,7 @@ def _install_direct_calls(keras, torch, compiling, keras_conv_op, same_padding) 
                     id(x) for x in node.input_tensors]
                 handler = handler_for(layer) if simple else None
                 steps.append((layer, handler, takes_training, keys, listed, arguments,
-                              [id(x) for x in node.outputs], {}))
+                              [id(x) for x in node.outputs]))
                 known.update(id(x) for x in node.outputs)
         if any(id(x) not in known for x in model.outputs):
             return None
@@ -394,13 +383,13 @@ def _install_direct_calls(keras, torch, compiling, keras_conv_op, same_padding) 
         frame = Frame()
         for x, y in zip(model.inputs, inputs, strict=False):
             frame.nhwc_[id(x)] = y
-        for layer, handler, takes_training, keys, listed, arguments, outputs, memo in steps:
+        for layer, handler, takes_training, keys, listed, arguments, outputs in steps:
             # the layer's state is checked on every call: a policy, a quantisation or a hook
             # can be set after the plan was made
             if handler is not None and plain(layer) and all(
                     type(t) is torch.Tensor and t.dtype is float32
                     for t in (frame.either(key)[0] for key in keys)):
-                result = handler(layer, frame, keys, training, memo)
+                result = handler(layer, frame, keys, training)
                 if result is None:
                     tensors = [frame.nhwc(key) for key in keys]
                     argument = tensors if listed else tensors[0]
