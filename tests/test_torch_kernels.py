@@ -114,11 +114,16 @@ def make():
     a = keras.layers.Activation("relu")(a)
     block = keras.Model(block_in, keras.layers.Add()([block_in, a]), name="block")  # nested
     inputs = keras.Input((6, 6, 3))
-    x = keras.layers.Conv2D(4, 1)(inputs)
+    # L2 penalties with two factors, and an L1 one that Keras computes
+    x = keras.layers.Conv2D(4, 1, kernel_regularizer=keras.regularizers.L2(0.01),
+                            bias_regularizer=keras.regularizers.L1(0.02))(inputs)
     x = block(x)
+    shared = keras.layers.BatchNormalization(momentum=0.7, beta_initializer="random_normal")
+    x = shared(keras.layers.Activation("relu")(shared(x)))  # one layer, two moving updates
     x = keras.layers.ZeroPadding2D(((1, 0), (0, 1)))(x)  # 7 x 7
     # TensorFlow's asymmetric "same" at stride 2, and a ReLU inside the convolution
-    x = keras.layers.Conv2D(4, 3, strides=2, padding="same", activation="relu")(x)
+    x = keras.layers.Conv2D(4, 3, strides=2, padding="same", activation="relu",
+                            kernel_regularizer=keras.regularizers.L2(0.03))(x)
     x = keras.layers.ReLU(max_value=0.5)(x)  # a clipped ReLU: its own call, in Keras' layout
     x = keras.layers.MaxPooling2D(2, strides=1)(x)
     x = keras.layers.BatchNormalization(scale=False, beta_initializer="random_normal")(x)
@@ -147,6 +152,15 @@ def chain():  # plain layers only, as in the nets: three convolutions
     x = keras.layers.AveragePooling2D(4)(x)
     return keras.Model(inputs, keras.layers.Dense(2)(keras.layers.Flatten()(x)))
 
+def pixels():  # the train stage's input: raw pixels, scaled, normalised, shifted and flipped
+    from tasks.modeling import build_training_model
+    keras.utils.set_random_seed(5)
+    inputs = keras.Input((8, 8, 3))
+    net = keras.Model(inputs, keras.layers.Conv2D(2, 3)(inputs))
+    return build_training_model(net, np.full((8, 8, 3), 0.4, "float32"),
+                                np.full((8, 8, 3), 0.3, "float32"), flip=True, crop_pad=2,
+                                seed=6)
+
 def permutes(out):  # PermuteBackward nodes in the autograd graph of a training call
     found, seen, stack = 0, set(), [out.grad_fn]
     while stack:
@@ -159,8 +173,14 @@ def permutes(out):  # PermuteBackward nodes in the autograd graph of a training 
 
 x = torch.from_numpy(np.random.default_rng(0).standard_normal((4, 6, 6, 3)).astype("float32"))
 
+raw = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (3, 8, 8, 3), dtype=np.uint8))
+
 def run():
     chain_permutes = permutes(chain()(x.repeat(1, 2, 2, 1)[:, :8, :8], training=True))
+    augmenting = pixels()
+    calls.clear()
+    augmented = augmenting(raw, training=True)
+    pixel_calls = dict(calls)
     model = make()
     calls.clear()
     out = model(x, training=True)
@@ -177,7 +197,8 @@ def run():
             "grads": [w.value.grad.tolist() for w in model.trainable_weights],
             "stats": [w.numpy().tolist() for w in model.non_trainable_weights],
             "train_calls": train_calls, "inference_calls": inference_calls,
-            "chain_permutes": chain_permutes,
+            "chain_permutes": chain_permutes, "augmented": augmented.detach().tolist(),
+            "pixel_calls": pixel_calls,
             "unflagged_calls": dict(calls)}
 
 keras_own = run()
@@ -228,15 +249,15 @@ def test_plain_layers_are_called_directly_and_compute_what_keras_computes() -> N
     results = _under_torch(DIRECT)
     assert results["installed"] is True
     keras_own, direct = results["keras"], results["direct"]
-    every_layer = {"Functional": 2, "Conv2D": 4, "BatchNormalization": 2, "Activation": 1,
-                   "ReLU": 2, "ZeroPadding2D": 1, "MaxPooling2D": 1, "AveragePooling2D": 1,
-                   "Add": 1, "Concatenate": 1, "Dropout": 1, "GlobalAveragePooling2D": 1,
-                   "Dense": 2}
+    every_layer = {"Functional": 2, "Conv2D": 4,
+                   "BatchNormalization": 4, "Activation": 2, "ReLU": 2, "ZeroPadding2D": 1,
+                   "MaxPooling2D": 1, "AveragePooling2D": 1, "Add": 1, "Concatenate": 1,
+                   "Dropout": 1, "GlobalAveragePooling2D": 1, "Dense": 2}
     assert keras_own["train_calls"] == every_layer
-    # with a training flag, only the models and the layers that need Keras' bookkeeping go
-    # through Layer.__call__: the regularised conv and the two Dense (another dtype policy,
-    # and a bfloat16 input to cast)
-    expected = {"Functional": 2, "Conv2D": 1, "Dense": 2}
+    # with a training flag, only the outer model and the layers that need Keras' bookkeeping
+    # go through Layer.__call__: the conv with an activity regulariser and the two Dense
+    # (another dtype policy, and a bfloat16 input to cast). The nested model runs its plan
+    expected = {"Functional": 1, "Conv2D": 1, "Dense": 2}
     assert direct["train_calls"] == expected
     assert direct["inference_calls"] == expected
     assert direct["unflagged_calls"] == every_layer
@@ -247,8 +268,15 @@ def test_plain_layers_are_called_directly_and_compute_what_keras_computes() -> N
     assert keras_own["chain_permutes"] >= 9
     for key in ("out", "inference", "unflagged", "losses"):
         np.testing.assert_allclose(direct[key], keras_own[key], rtol=1e-5, atol=1e-6)
-    assert len(direct["losses"]) == 1  # the activity regulariser's loss was recorded
-    assert len(direct["grads"]) == len(keras_own["grads"]) == 14
+    # in Keras' order: the activity regulariser's loss, then the weights' L2, L1 and L2
+    assert len(direct["losses"]) == 4
+    # the train stage's input layers on raw uint8 pixels: called directly, the same batch
+    assert keras_own["pixel_calls"] == {"Functional": 2, "Rescaling": 1, "Normalization": 1,
+                                        "RandomShift": 1, "RandomFlip": 1, "Conv2D": 1}
+    assert direct["pixel_calls"] == {"Functional": 1}
+    np.testing.assert_allclose(direct["augmented"], keras_own["augmented"], rtol=1e-5,
+                               atol=1e-6)
+    assert len(direct["grads"]) == len(keras_own["grads"]) == 16
     for mine, theirs in zip(direct["grads"], keras_own["grads"], strict=True):
         np.testing.assert_allclose(mine, theirs, rtol=1e-5, atol=1e-6)
     for mine, theirs in zip(direct["stats"], keras_own["stats"], strict=True):
