@@ -16,6 +16,16 @@ do not leak between them) and times whole epochs of ``--steps`` batches after a 
 that pays for tracing and compilation. Ours and the reference alternate, ``--repeat`` times, and
 each configuration's best epoch counts. The ratio printed is our best configuration over the
 reference's best; ``ratio (default)`` uses the configuration params.yaml's defaults resolve to.
+
+On a shared machine the host's speed can drift by 10-20% between processes, more than the
+difference being measured. ``--interleaved`` (CPU, ``KERAS_BACKEND=torch``) runs both sides in
+one process instead: our ``fit`` with params.yaml's settings, and after each of its steps one
+step of each reference configuration. It compares median step times and prints the ratio with
+a 95% bootstrap interval over the paired steps.
+
+    KERAS_BACKEND=torch python benchmarks/throughput.py --nets resnet20_v1 --interleaved \
+        --steps 20 --epochs 3 --torch-configs float32,float32+channels_last
+
 Needs torch (``pip install -e .[benchmark]``).
 """
 
@@ -118,12 +128,14 @@ def run_keras(net: str, config: str, batch: int, images: int, epochs: int) -> di
             "parameters": int(sum(np.prod(w.shape) for w in model.trainable_weights))}
 
 
-def run_torch(net: str, config: str, batch: int, images: int, epochs: int) -> dict:
+def reference(net: str, config: str, batch: int, images: int, device: str):
+    """The reference's training for ``net`` in one configuration: ``(epoch_steps, parameters)``
+    where ``epoch_steps()`` yields once after each step of one shuffled epoch, the step's
+    work done (on a GPU, queued: the caller synchronises)."""
     import torch
 
     from benchmarks.torch_reference import REFERENCES, parameter_count
 
-    device = "cuda" if _device() == "gpu" else "cpu"
     torch.manual_seed(0)
     model = REFERENCES[net](CLASSES).to(device)
     channels_last = "channels_last" in config
@@ -167,17 +179,104 @@ def run_torch(net: str, config: str, batch: int, images: int, epochs: int) -> di
         optimizer.step()
         return loss
 
-    times = []
-    for _ in range(epochs + 1):
+    def epoch_steps():
         order = torch.randperm(len(x_all), device=device)
-        started = time.perf_counter()
         for index in range(steps):
             rows_ = order[index * batch:(index + 1) * batch]
-            loss = step(x_all[rows_], y_all[rows_])
+            yield step(x_all[rows_], y_all[rows_])
+
+    return epoch_steps, parameter_count(model)
+
+
+def run_torch(net: str, config: str, batch: int, images: int, epochs: int) -> dict:
+    import torch
+
+    device = "cuda" if _device() == "gpu" else "cpu"
+    epoch_steps, parameters = reference(net, config, batch, images, device)
+    times = []
+    for _ in range(epochs + 1):
+        started = time.perf_counter()
+        *_, loss = epoch_steps()
         float(loss)  # wait for the device
         times.append(time.perf_counter() - started)
-    return {"times": times[1:], "parameters": parameter_count(model),
+    return {"times": times[1:], "parameters": parameters,
             "resolved": {"torch": torch.__version__, "threads": torch.get_num_threads()}}
+
+
+def run_interleaved(net: str, configs: list[str], batch: int, images: int, epochs: int) -> dict:
+    """Our steps and the reference's, one after another in one process (``--interleaved``).
+
+    Our ``fit`` drives: after each of our steps, a callback runs one step of each reference
+    configuration. A step's time runs from the end of the step before it to its own end, so
+    ours includes what ``fit`` does between batches (fetching the batch, callbacks) and the
+    reference's includes indexing its batch. Steps of the two sides that follow each other are
+    at most a second apart: drift in the host's speed, which on a shared machine can exceed the
+    difference being measured, falls on both alike. The warm-up epoch is not counted.
+    """
+    import keras
+    import numpy as np
+    import torch
+
+    from tasks.modeling import EpochShuffledArrays
+
+    if keras.backend.backend() != "torch":
+        raise SystemExit("error: --interleaved runs both sides in one process, which needs "
+                         "Keras' torch backend: set KERAS_BACKEND=torch")
+    model, resolved = ours(net)
+    built = {c: reference(net, c, batch, images, "cpu") for c in configs}
+    iterators = {c: built[c][0]() for c in configs}
+    times = {"ours": [], **{c: [] for c in configs}}
+
+    def reference_step(config):
+        try:
+            next(iterators[config])
+        except StopIteration:  # the reference's next epoch, reshuffled
+            iterators[config] = built[config][0]()
+            next(iterators[config])
+
+    class Interleave(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.counted = epoch > 0
+            self.last = time.perf_counter()
+
+        def on_train_batch_end(self, batch_index, logs=None):
+            now = time.perf_counter()
+            if self.counted:
+                times["ours"].append(now - self.last)
+            for config in configs:
+                reference_step(config)
+                done = time.perf_counter()
+                if self.counted:
+                    times[config].append(done - now)
+                now = done
+            self.last = now
+
+    x, y = synthetic(images)
+    model.fit(EpochShuffledArrays(x, y, batch, 0), epochs=epochs + 1, verbose=0,
+              callbacks=[Interleave()])
+    return {"times": times, "resolved": resolved,
+            "parameters": {"ours": int(sum(np.prod(w.shape) for w in model.trainable_weights)),
+                           **{c: built[c][1] for c in configs}},
+            "torch": {"torch": torch.__version__, "threads": torch.get_num_threads()}}
+
+
+def summarise_interleaved(result: dict, batch: int, seed: int = 0) -> dict:
+    """Images/s from each side's median step, the ratio of ours to the reference's best, and
+    a 95% bootstrap interval of that ratio over the paired steps."""
+    import numpy as np
+
+    times = {side: np.asarray(t) for side, t in result["times"].items()}
+    medians = {side: float(np.median(t)) for side, t in times.items()}
+    best = min((side for side in times if side != "ours"), key=medians.get)
+    ratio = medians[best] / medians["ours"]
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(times["ours"]), (2000, len(times["ours"])))
+    ratios = np.median(times[best][picks], axis=1) / np.median(times["ours"][picks], axis=1)
+    low, high = np.percentile(ratios, [2.5, 97.5])
+    return {"steps": len(times["ours"]), "best_reference": best, "ratio": ratio,
+            "ratio_95": [float(low), float(high)],
+            "images_per_s": {side: batch / m for side, m in medians.items()},
+            "median_step_s": medians}
 
 
 def images_per_epoch(args) -> int:
@@ -189,6 +288,11 @@ def _device() -> str:
 
 
 def worker(args) -> int:
+    if args.worker == "interleaved":
+        result = run_interleaved(args.nets, args.config.split(","), args.batch,
+                                 images_per_epoch(args), args.epochs)
+        print("RESULT " + json.dumps(result), flush=True)
+        return 0
     runner = run_keras if args.worker == "keras" else run_torch
     result = runner(args.nets, args.config, args.batch, images_per_epoch(args), args.epochs)
     print("RESULT " + json.dumps(result), flush=True)
@@ -243,7 +347,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keras-configs", help="comma-separated subset of our configurations")
     parser.add_argument("--torch-configs", help="comma-separated subset of the reference's")
     parser.add_argument("--json", type=Path, help="also write every figure here")
-    parser.add_argument("--worker", choices=("keras", "torch"), help=argparse.SUPPRESS)
+    parser.add_argument("--interleaved", action="store_true",
+                        help="run ours (params.yaml's settings) and the reference in one process, "
+                        "a step of each in turn; KERAS_BACKEND=torch, CPU only")
+    parser.add_argument("--worker", choices=("keras", "torch", "interleaved"),
+                        help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -261,12 +369,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.torch_configs:
         torch_configs = args.torch_configs.split(",")
     backend = os.environ.get("KERAS_BACKEND", "tensorflow")
+    if args.interleaved and (args.device != "cpu" or backend != "torch"):
+        print("error: --interleaved needs KERAS_BACKEND=torch and --device cpu: both sides "
+              "share one process and its torch", file=sys.stderr)
+        return 2
     print(f"{time.strftime('%Y-%m-%d')}  {platform.machine()}, {os.cpu_count()} CPUs, "
           f"device {args.device}, Keras backend {backend}, batch {args.batch}, "
           f"{images_per_epoch(args)} images per timed epoch; {versions()}", flush=True)
     report = {"date": time.strftime("%Y-%m-%d"), "device": args.device, "backend": backend,
               "batch": args.batch, "images_per_epoch": images_per_epoch(args),
               "versions": versions(), "nets": {}}
+    if args.interleaved:
+        return interleaved(args, torch_configs, report)
     failed = False
     for net in args.nets.split(","):
         results: dict[str, dict] = {}
@@ -306,6 +420,42 @@ def main(argv: list[str] | None = None) -> int:
                 line += f"; ratio (default) {default:.2f}"
             print(line, flush=True)
         report["nets"][net] = summary
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2))
+    return 1 if failed else 0
+
+
+def interleaved(args, torch_configs: list[str], report: dict) -> int:
+    failed = False
+    for net in args.nets.split(","):
+        command = [sys.executable, __file__, "--worker", "interleaved", "--nets", net,
+                   "--config", ",".join(torch_configs), "--batch", str(args.batch), "--steps",
+                   str(args.steps), "--images", str(args.images or 0), "--epochs",
+                   str(args.epochs), "--device", args.device]
+        result = run_worker(command, args.device, f"interleaved {net}")
+        if "error" in result:
+            print(result["error"], file=sys.stderr, flush=True)
+            failed = True
+            continue
+        if len(set(result["parameters"].values())) > 1:
+            print(f"error: {net}: trainable parameter counts differ between ours and the "
+                  f"reference: {result['parameters']}", file=sys.stderr)
+            failed = True
+        summary = summarise_interleaved(result, args.batch)
+        for side, rate in summary["images_per_s"].items():
+            name = "keras:params" if side == "ours" else f"torch:{side}"
+            print(f"  {net:<20} {name:<34} {rate:9.1f} img/s "
+                  f"{summary['median_step_s'][side] * 1000:8.1f} ms/step (median)", flush=True)
+        low, high = summary["ratio_95"]
+        print(f"{net}: interleaved, {summary['steps']} steps of each: ours "
+              f"{summary['images_per_s']['ours']:.1f} img/s / reference "
+              f"{summary['images_per_s'][summary['best_reference']]:.1f} img/s "
+              f"(torch:{summary['best_reference']}) = ratio {summary['ratio']:.3f}, 95% "
+              f"interval {low:.3f} to {high:.3f}", flush=True)
+        report["nets"][net] = {**summary, "times": result["times"],
+                               "resolved": result["resolved"], "torch": result["torch"]}
+    report["interleaved"] = True
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2))
