@@ -161,6 +161,26 @@ def pixels():  # the train stage's input: raw pixels, scaled, normalised, shifte
                                 np.full((8, 8, 3), 0.3, "float32"), flip=True, crop_pad=2,
                                 seed=6)
 
+def alive_at_pooling():
+    # how many batch-norm outputs of a chain() training call are still referenced when its
+    # pooling runs: none should be, as each one's last reader (a ReLU, an Add) ran before
+    import weakref
+    outputs, alive = [], []
+    keras_batch_norm, keras_pool = torch.native_batch_norm, torch.nn.functional.avg_pool2d
+    def batch_norm(*args, **kwargs):
+        result = keras_batch_norm(*args, **kwargs)
+        outputs.append(weakref.ref(result[0]))
+        return result
+    def pool(*args, **kwargs):
+        alive.append(sum(ref() is not None for ref in outputs))
+        return keras_pool(*args, **kwargs)
+    torch.native_batch_norm, torch.nn.functional.avg_pool2d = batch_norm, pool
+    try:
+        chain()(x.repeat(1, 2, 2, 1)[:, :8, :8], training=True)
+    finally:
+        torch.native_batch_norm, torch.nn.functional.avg_pool2d = keras_batch_norm, keras_pool
+    return {"batch_norms": len(outputs), "alive": alive}
+
 def permutes(out):  # PermuteBackward nodes in the autograd graph of a training call
     found, seen, stack = 0, set(), [out.grad_fn]
     while stack:
@@ -203,7 +223,8 @@ def run():
 
 keras_own = run()
 installed = torch_kernels.install()
-print("RESULTS " + json.dumps({"installed": installed, "keras": keras_own, "direct": run()}))
+print("RESULTS " + json.dumps({"installed": installed, "keras": keras_own, "direct": run(),
+                               "alive_at_pooling": alive_at_pooling()}))
 """
 
 
@@ -266,6 +287,9 @@ def test_plain_layers_are_called_directly_and_compute_what_keras_computes() -> N
     # permutes every convolution's kernel, input and output)
     assert direct["chain_permutes"] == 4
     assert keras_own["chain_permutes"] >= 9
+    # a tensor leaves the call once its last reader has run (Keras' walk keeps them all): the
+    # batch norms' outputs, read by a ReLU and an addition, are gone before the pooling
+    assert results["alive_at_pooling"] == {"batch_norms": 2, "alive": [0]}
     for key in ("out", "inference", "unflagged", "losses"):
         np.testing.assert_allclose(direct[key], keras_own[key], rtol=1e-5, atol=1e-6)
     # in Keras' order: the activity regulariser's loss, then the weights' L2, L1 and L2
