@@ -421,7 +421,8 @@ def _install_direct_calls(keras, torch, compiling, keras_conv_op, conv2d_nchw,
 
     def make_plan(model):
         """[(layer, handler or None, takes training?, input keys, a list argument?, arguments,
-        output keys)], or None where the graph needs Keras' own walk."""
+        output keys, keys read for the last time here)], or None where the graph needs Keras'
+        own walk."""
         known = {id(x) for x in model.inputs}
         steps = []
         for depth in sorted(model._nodes_by_depth, reverse=True):
