@@ -33,12 +33,17 @@ quarter slower than the same net written directly in PyTorch (docs/benchmarks.md
   ResNet20 v1's step records 80 fewer autograd nodes. The input layers (scaling,
   normalisation, flips and ``tasks.modeling.RandomShift``) and a nested functional model are
   called the same way, and the batch norms' moving averages are updated together at the end of
-  the call (a handful of foreach kernels instead of six small kernels a layer). Everything else
-  goes through Keras as before.
+  the call (a handful of foreach kernels instead of six small kernels a layer). Each tensor is
+  dropped after its last reader, and a batch norm's, a convolution's or a sum's output that one
+  layer alone reads is overwritten by it (a ReLU in place, a residual sum into one addend), as
+  a PyTorch block does. Everything else goes through Keras as before.
 - The weights' L2 penalties (one per kernel in the book's nets) come from three foreach
   kernels instead of three dispatched ops each, and a scalar loss is not summed again. These
   and the changes above took about 4 ms off a ResNet20 v1 step at batch 2 on one thread of a
   2-core CPU (docs/benchmarks.md).
+- Adam's and AdamW's update of float32 weights on a CPU runs in torch's fused Adam kernel, one
+  pass over each weight instead of ten foreach ops, with epsilon rescaled so that the update is
+  Keras' formula: about 3 ms less a step at batch 2 on one thread.
 
 Under ``torch.compile`` (``speed.jit_compile: true``) all of these step aside and Keras' own code
 is traced: Inductor fuses and lays out the graph itself, and the eager-mode kernels above trip
@@ -218,6 +223,7 @@ def install() -> bool:
     _install_direct_calls(keras, torch, compiling, keras_conv_op, conv2d_nchw,
                           batch_norm_nchw, MovingAverages, value_of)
     _install_loss_terms(keras, torch, compiling, in_stateless_scope, value_of)
+    _install_fused_adam(keras, torch, compiling, value_of)
     _installed = True
     return True
 
@@ -239,9 +245,14 @@ def _install_direct_calls(keras, torch, compiling, keras_conv_op, conv2d_nchw,
     memory), and is permuted to Keras' NHWC only where another layer or the model's output needs
     it: each permutation is an autograd node, and the per-layer permutations made a third of a
     ResNet20 v1 step's nodes. Moving averages are updated in place, as Keras' ``assign`` does.
-    Any other call, layer or argument goes through Keras as before, so the model computes the
+    A tensor that only one layer reads, made in this call by a batch norm in training, a
+    convolution without its own ReLU or an addition (ops whose backward does not read their
+    output), is overwritten by that layer where it is a ReLU or an addition, instead of a new
+    tensor being made; autograd's version counters would reject any overwrite the backward
+    pass needed. Any other call, layer or argument goes through Keras as before, so the model computes the
     same tensors (tests/test_torch_kernels.py).
     """
+    import collections
     import weakref
 
     try:
@@ -265,11 +276,18 @@ def _install_direct_calls(keras, torch, compiling, keras_conv_op, conv2d_nchw,
         """One call's tensors, each in Keras' NHWC, in torch's NCHW (channels-last memory), or
         both; a form is made from the other when a layer first asks for it."""
 
-        __slots__ = ("nhwc_", "nchw_", "moving")
+        __slots__ = ("nhwc_", "nchw_", "moving", "spare", "fresh")
 
         def __init__(self):
             self.nhwc_, self.nchw_ = {}, {}
             self.moving = MovingAverages()  # the batch norms' updates, applied at the end
+            # the tensors the running layer may overwrite: made in this call by an op whose
+            # backward does not read its output, and read by no other layer
+            self.spare = set()
+            self.fresh = False  # set by a handler whose output may be overwritten later
+
+        def overwritable(self, key, tensor) -> bool:
+            return key in self.spare and tensor._base is None
 
         def either(self, key):
             """(tensor, is it NCHW?) in whichever form there is: for element-wise layers."""
@@ -307,7 +325,8 @@ def _install_direct_calls(keras, torch, compiling, keras_conv_op, conv2d_nchw,
         y = conv2d_nchw(x, value_of(layer.kernel),
                         value_of(layer.bias) if layer.use_bias else None,
                         layer.strides, layer.padding, layer.dilation_rate)
-        return (torch.relu(y) if activation is relu_function else y), True
+        frame.fresh = activation is linear  # a ReLU's backward reads its output
+        return (torch.relu_(y) if activation is relu_function else y), True
 
     def batch_norm(layer, frame, keys, training):
         x = frame.nchw(keys[0])
@@ -316,6 +335,7 @@ def _install_direct_calls(keras, torch, compiling, keras_conv_op, conv2d_nchw,
         gamma = value_of(layer.gamma) if layer.scale else None
         beta = value_of(layer.beta) if layer.center else None
         if training and layer.trainable:
+            frame.fresh = True  # its backward reads its input and statistics only
             return batch_norm_nchw(layer, x, gamma, beta, frame.moving), True
         if frame.moving.holds(layer):  # a shared layer, in training earlier in this call
             frame.moving.flush()
@@ -334,16 +354,29 @@ def _install_direct_calls(keras, torch, compiling, keras_conv_op, conv2d_nchw,
         elif layer.activation is not relu_function:
             return None
         x, planar = frame.either(keys[0])
-        return torch.relu(x), planar
+        return (torch.relu_(x) if frame.overwritable(keys[0], x) else torch.relu(x)), planar
 
     def add(layer, frame, keys, training):
         planar = any(frame.either(key)[1] for key in keys)
         tensors = [frame.nchw(key) if planar else frame.nhwc(key) for key in keys]
         if planar and any(t is None or t.shape != tensors[0].shape for t in tensors):
             return None  # a broadcast: Keras' layout decides it
-        y = tensors[0]
-        for tensor in tensors[1:]:
-            y = torch.add(y, tensor)
+        frame.fresh = len(tensors) > 1
+        # the sum goes into an addend that no other layer reads (a batch norm's output in a
+        # residual block), as a PyTorch block's ``out += shortcut`` does
+        shape = torch.broadcast_shapes(*(t.shape for t in tensors))
+        first = next((index for index, key in enumerate(keys)
+                      if frame.overwritable(key, tensors[index])
+                      and tensors[index].shape == shape), None)
+        if first is None:
+            y = tensors[0]
+            for tensor in tensors[1:]:
+                y = torch.add(y, tensor)
+            return y, planar
+        y = tensors[first]
+        for index, tensor in enumerate(tensors):
+            if index != first:
+                y = y.add_(tensor)
         return y, planar
 
     def concatenate(layer, frame, keys, training):
@@ -421,8 +454,8 @@ def _install_direct_calls(keras, torch, compiling, keras_conv_op, conv2d_nchw,
 
     def make_plan(model):
         """[(layer, handler or None, takes training?, input keys, a list argument?, arguments,
-        output keys, keys read for the last time here)], or None where the graph needs Keras'
-        own walk."""
+        output keys, keys read for the last time here, is the output read by one step only?)],
+        or None where the graph needs Keras' own walk."""
         known = {id(x) for x in model.inputs}
         steps = []
         for depth in sorted(model._nodes_by_depth, reverse=True):
@@ -464,14 +497,21 @@ def _install_direct_calls(keras, torch, compiling, keras_conv_op, conv2d_nchw,
         for key, index in last_use.items():
             if key not in kept:
                 drops[index].append(key)
-        return [(*step, drop) for step, drop in zip(steps, drops, strict=True)]
+        # a tensor read by one layer only may be overwritten by it (a ReLU in place on a batch
+        # norm's output, a residual sum into one addend), as a PyTorch block does: a fresh
+        # tensor for each costs memory traffic and, on a CPU, page faults
+        readers = collections.Counter(key for step in steps for key in step[3])
+        single = [readers[step[6][0]] == 1 and step[6][0] not in kept for step in steps]
+        return [(*step, drop, alone)
+                for step, drop, alone in zip(steps, drops, single, strict=True)]
 
     def run(model, steps, inputs, training):
         frame = Frame()
         for x, y in zip(model.inputs, inputs, strict=False):
             frame.nhwc_[id(x)] = y
         dropping = ()
-        for layer, handler, takes_training, keys, listed, arguments, outputs, drops in steps:
+        for (layer, handler, takes_training, keys, listed, arguments, outputs, drops,
+             single) in steps:
             for key in dropping:  # read for the last time by the step before
                 frame.nhwc_.pop(key, None)
                 frame.nchw_.pop(key, None)
@@ -493,6 +533,10 @@ def _install_direct_calls(keras, torch, compiling, keras_conv_op, conv2d_nchw,
                 else:
                     out, planar = result
                     (frame.nchw_ if planar else frame.nhwc_)[outputs[0]] = out
+                    if frame.fresh:
+                        frame.fresh = False
+                        if single:
+                            frame.spare.add(outputs[0])
                 continue
             # as Keras' own walk calls it, in Keras' layout: the model's training flag
             # overrides the node's. Batch norms earlier in the call update first, as there
@@ -583,3 +627,64 @@ def _install_loss_terms(keras, torch, compiling, in_stateless_scope, value_of) -
 
     Layer._get_regularization_losses = regularization_losses
     Trainer._aggregate_additional_loss = aggregate
+
+
+def _install_fused_adam(keras, torch, compiling, value_of) -> None:
+    """Adam's (and AdamW's) update of float32 weights on a CPU in torch's one fused kernel.
+
+    Keras' torch Adam updates the weights with ten foreach ops and five temporary lists: for
+    ResNet20 v1's 82 weights, about 800 small kernels a step. Moving to the fused kernel took a
+    step at batch 2 on one thread of a 2-core CPU from 31.2 to 28.4 ms (medians of eight
+    alternating epochs); the cost does not depend on the batch size. ``torch._fused_adam_``
+    reads each weight, its gradient and both moments once. The two libraries place epsilon differently::
+
+        Keras  w -= lr * sqrt(1 - b2**t) / (1 - b1**t) * m / (sqrt(v) + eps)
+        torch  w -= lr / (1 - b1**t) * m / (sqrt(v) / sqrt(1 - b2**t) + eps')
+
+    which are equal for ``eps' = eps / sqrt(1 - b2**t)``, passed at each step; ``t`` is Keras'
+    ``iterations + 1``. Weight decay (AdamW), clipping, loss scaling, gradient accumulation and
+    EMA are Keras' own code around this call and are unchanged. Under torch.compile, with
+    amsgrad, for a weight or moment whose memory is not contiguous (the fused kernel reads raw
+    memory) and off the CPU (reading the step count would wait for the device), Keras' own
+    update runs.
+    """
+    try:
+        from keras.src.backend.torch.optimizers.torch_adam import Adam
+    except ImportError as error:
+        warnings.warn(f"speed.fused_kernels: Keras {keras.__version__} is laid out differently "
+                      f"({error}); Adam updates run as usual.", stacklevel=3)
+        return
+    fused = getattr(torch, "_fused_adam_", None)
+    if fused is None:
+        return
+    keras_update = Adam._parallel_update_step
+    float32, variable_type = torch.float32, keras.Variable
+
+    def fits(tensor) -> bool:
+        return (isinstance(tensor, torch.Tensor) and tensor.dtype is float32
+                and tensor.device.type == "cpu" and tensor.layout is torch.strided)
+
+    def parallel_update_step(self, grads, variables, learning_rate):
+        if (compiling() or self.amsgrad or not variables
+                or not all(type(b) in (float, int) for b in (self.beta_1, self.beta_2,
+                                                             self.epsilon))):
+            return keras_update(self, grads, variables, learning_rate)
+        index, key = self._trainable_variables_indices, self._var_key
+        slots = [index[key(variable)] for variable in variables]
+        weights = [value_of(variable) for variable in variables]
+        moments = [value_of(self._momentums[slot]) for slot in slots]
+        velocities = [value_of(self._velocities[slot]) for slot in slots]
+        grads = list(grads)
+        if not all(fits(t) and t.is_contiguous() for group in (weights, moments, velocities)
+                   for t in group) or not all(fits(g) for g in grads):
+            return keras_update(self, grads, variables, learning_rate)
+        grads = [g if g.is_contiguous() else g.contiguous() for g in grads]
+        rate = learning_rate.value if isinstance(learning_rate, variable_type) else learning_rate
+        step = float(value_of(self._iterations)) + 1.0
+        correction = (1.0 - float(self.beta_2) ** step) ** 0.5
+        steps = [torch.tensor(step)] * len(weights)  # read by the kernel, not changed
+        fused(weights, grads, moments, velocities, [], steps, lr=float(rate),
+              beta1=float(self.beta_1), beta2=float(self.beta_2), weight_decay=0.0,
+              eps=float(self.epsilon) / correction, amsgrad=False, maximize=False)
+
+    Adam._parallel_update_step = parallel_update_step

@@ -181,6 +181,32 @@ def alive_at_pooling():
         torch.native_batch_norm, torch.nn.functional.avg_pool2d = keras_batch_norm, keras_pool
     return {"batch_norms": len(outputs), "alive": alive}
 
+def reads():  # tensors a layer must not overwrite
+    keras.utils.set_random_seed(7)
+    inputs = keras.Input((6, 6, 3))
+    b = keras.layers.BatchNormalization()(keras.layers.Conv2D(4, 3, padding="same")(inputs))
+    r = keras.layers.ReLU()(b)  # b is read twice
+    r = keras.layers.ReLU()(keras.layers.ReLU()(keras.layers.Add()([b, r])))  # a ReLU's output
+    c = keras.layers.BatchNormalization()(r)  # a model output, read by one ReLU too
+    # a convolution with its ReLU inside, read by one addition
+    d = keras.layers.Conv2D(4, 3, padding="same", activation="relu")(keras.layers.ReLU()(c))
+    return keras.Model(inputs, [keras.layers.BatchNormalization()(keras.layers.Add()([d, r])), c])
+
+class Overwrites(torch.overrides.TorchFunctionMode):  # the ReLUs and sums, in place or not
+    def __init__(self):
+        super().__init__()
+        self.found = collections.Counter()
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in ("relu", "relu_", "add", "add_"):
+            self.found[name] += 1
+        return func(*args, **(kwargs or {}))
+
+def overwrites(model, batch):
+    with Overwrites() as mode:
+        out = model(batch, training=True)
+    return out, dict(mode.found)
+
 def permutes(out):  # PermuteBackward nodes in the autograd graph of a training call
     found, seen, stack = 0, set(), [out.grad_fn]
     while stack:
@@ -210,6 +236,12 @@ def run():
     calls.clear()
     inference = model(x, training=False)
     inference_calls = dict(calls)
+    reading = reads()
+    read_out, read_ops = overwrites(reading, x)
+    # weighted sums: the sum of squares of a batch norm's output hardly depends on its input
+    sum(((out * torch.linspace(-1.0, 2.0, out.numel()).view(out.shape)).sum()
+         for out in read_out)).backward()
+    chain_ops = overwrites(chain(), x.repeat(1, 2, 2, 1)[:, :8, :8])[1]
     calls.clear()
     unflagged = model(x)  # no training flag: Keras' own walk
     return {"out": out.detach().tolist(), "inference": inference.detach().tolist(),
@@ -218,13 +250,64 @@ def run():
             "stats": [w.numpy().tolist() for w in model.non_trainable_weights],
             "train_calls": train_calls, "inference_calls": inference_calls,
             "chain_permutes": chain_permutes, "augmented": augmented.detach().tolist(),
-            "pixel_calls": pixel_calls,
+            "pixel_calls": pixel_calls, "read_ops": read_ops, "chain_ops": chain_ops,
+            "read_out": [out.detach().tolist() for out in read_out],
+            "read_grads": [w.value.grad.tolist() for w in reading.trainable_weights],
             "unflagged_calls": dict(calls)}
 
 keras_own = run()
 installed = torch_kernels.install()
 print("RESULTS " + json.dumps({"installed": installed, "keras": keras_own, "direct": run(),
                                "alive_at_pooling": alive_at_pooling()}))
+"""
+
+
+ADAM = r"""
+import json
+import numpy as np
+import keras, torch
+from tasks import torch_kernels
+
+SHAPES = [(3, 3, 4, 8), (8,), (6, 5), (7,)]
+
+def train(make_optimizer, steps=30, transposed=False):
+    rng = np.random.default_rng(0)
+    weights = [keras.Variable(rng.standard_normal(s).astype("float32")) for s in SHAPES]
+    if transposed:  # a weight whose memory is not contiguous: the fused kernel reads raw memory
+        weights[2]._value.data = weights[2]._value.data.t().contiguous().t()
+    optimizer = make_optimizer()
+    for step in range(steps):
+        grads = [torch.from_numpy(np.random.default_rng(step * 10 + i).standard_normal(s)
+                                  .astype("float32")) for i, s in enumerate(SHAPES)]
+        grads[1] = grads[1].reshape(2, 4).t().reshape(8)  # a non-contiguous gradient
+        grads[2] = grads[2].t().contiguous().t()
+        optimizer.apply(grads, weights)
+    return {"weights": [w.numpy().tolist() for w in weights],
+            "slots": [v.numpy().tolist() for v in optimizer.variables]}
+
+decay = keras.optimizers.schedules.ExponentialDecay(1e-2, decay_steps=5, decay_rate=0.5)
+CASES = {
+    "adam": lambda: keras.optimizers.Adam(1e-2),
+    "adam_schedule_eps": lambda: keras.optimizers.Adam(decay, beta_1=0.8, epsilon=1e-3),
+    "adamw_clipped": lambda: keras.optimizers.AdamW(1e-2, weight_decay=0.1, clipnorm=1.0),
+    "amsgrad": lambda: keras.optimizers.Adam(1e-2, amsgrad=True),
+}
+keras_own = {name: train(make) for name, make in CASES.items()}
+keras_own["transposed"] = train(CASES["adam"], transposed=True)
+calls = []
+kernel = torch._fused_adam_
+def counting(*args, **kwargs):
+    calls.append(len(args[0]))
+    return kernel(*args, **kwargs)
+torch._fused_adam_ = counting
+installed = torch_kernels.install()
+fused, used = {}, {}
+for name, make in [*CASES.items(), ("transposed", CASES["adam"])]:
+    calls.clear()
+    fused[name] = train(make, transposed=name == "transposed")
+    used[name] = list(calls)
+print("RESULTS " + json.dumps({"installed": installed, "keras": keras_own, "fused": fused,
+                               "used": used}))
 """
 
 
@@ -287,9 +370,13 @@ def test_plain_layers_are_called_directly_and_compute_what_keras_computes() -> N
     # permutes every convolution's kernel, input and output)
     assert direct["chain_permutes"] == 4
     assert keras_own["chain_permutes"] >= 9
-    # a tensor leaves the call once its last reader has run (Keras' walk keeps them all): the
-    # batch norms' outputs, read by a ReLU and an addition, are gone before the pooling
-    assert results["alive_at_pooling"] == {"batch_norms": 2, "alive": [0]}
+    # a tensor leaves the call once its last reader has run (Keras' walk keeps them all). Each
+    # batch norm's output is overwritten by its one reader: the first by its ReLU, in place, and
+    # the second by the residual sum and then the second ReLU. So the first one is the first
+    # ReLU's output, which the second convolution keeps for its backward; the second one is
+    # gone before the pooling (the strided convolution keeps its padded copy). Without the
+    # drops both would still be referenced
+    assert results["alive_at_pooling"] == {"batch_norms": 2, "alive": [1]}
     for key in ("out", "inference", "unflagged", "losses"):
         np.testing.assert_allclose(direct[key], keras_own[key], rtol=1e-5, atol=1e-6)
     # in Keras' order: the activity regulariser's loss, then the weights' L2, L1 and L2
@@ -300,6 +387,20 @@ def test_plain_layers_are_called_directly_and_compute_what_keras_computes() -> N
     assert direct["pixel_calls"] == {"Functional": 1}
     np.testing.assert_allclose(direct["augmented"], keras_own["augmented"], rtol=1e-5,
                                atol=1e-6)
+    # a tensor that one layer alone reads, made by a batch norm, a convolution or an addition,
+    # is overwritten by that layer: in a residual block both ReLUs run in place and the sum
+    # goes into the second batch norm's output. (The chain's one `add` is its Dense layer's
+    # bias, in Keras' code.) A tensor read twice, a ReLU's output (its backward reads it), a
+    # convolution's output with the ReLU inside, and a model output are not overwritten: three
+    # ReLUs and both sums make new tensors, and the outputs and gradients are Keras' own
+    assert direct["chain_ops"] == {"relu_": 2, "add_": 1, "add": 1}
+    assert direct["read_ops"] == {"relu": 3, "relu_": 2, "add": 2}
+    for mine, theirs in zip(direct["read_out"], keras_own["read_out"], strict=True):
+        np.testing.assert_allclose(mine, theirs, rtol=1e-5, atol=1e-6)
+    # the conv's bias, followed by a batch norm, has a gradient of zero up to rounding
+    scale = max(np.abs(theirs).max() for theirs in keras_own["read_grads"])
+    for mine, theirs in zip(direct["read_grads"], keras_own["read_grads"], strict=True):
+        np.testing.assert_allclose(mine, theirs, rtol=1e-5, atol=1e-6 * scale)
     assert len(direct["grads"]) == len(keras_own["grads"]) == 16
     for mine, theirs in zip(direct["grads"], keras_own["grads"], strict=True):
         np.testing.assert_allclose(mine, theirs, rtol=1e-5, atol=1e-6)
@@ -333,3 +434,22 @@ def test_fused_kernels_step_aside_under_torch_compile(plain) -> None:
     assert compiled["resolved"]["fused_kernels"] is True
     np.testing.assert_allclose(compiled["losses"], plain["losses"], rtol=2e-3)
     np.testing.assert_allclose(compiled["probabilities"], plain["probabilities"], atol=2e-3)
+
+
+def test_fused_adam_updates_what_keras_adam_updates() -> None:
+    results = _under_torch(ADAM)
+    assert results["installed"] is True
+    # the fused kernel ran on every step, for all four weights, where it applies; amsgrad
+    # and a weight whose memory is not contiguous take Keras' own update
+    assert results["used"]["adam"] == [4] * 30
+    assert results["used"]["adam_schedule_eps"] == [4] * 30
+    assert results["used"]["adamw_clipped"] == [4] * 30
+    assert results["used"]["amsgrad"] == []
+    assert results["used"]["transposed"] == []
+    # 30 steps with a decaying rate, another beta_1 and epsilon, weight decay and clipping:
+    # the weights, moments and step count Keras' formula gives, to float32 rounding
+    for name, theirs in results["keras"].items():
+        mine = results["fused"][name]
+        for got, want in zip(mine["weights"] + mine["slots"], theirs["weights"] + theirs["slots"],
+                             strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-6, err_msg=name)
