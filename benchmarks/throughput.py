@@ -56,8 +56,8 @@ KERAS_CONFIGS = {
             ("bf16", "mixed_bfloat16", True, 1), ("bf16 spe8", "mixed_bfloat16", True, 8)],
 }
 TORCH_CONFIGS = {
-    "cpu": ["float32", "float32+channels_last", "bf16+channels_last",
-            "float32+channels_last+compile"],
+    "cpu": ["float32", "float32+channels_last", "float32+channels_last+inplace",
+            "bf16+channels_last", "float32+channels_last+compile"],
     "gpu": ["float32", "bf16+channels_last", "bf16+channels_last+compile",
             "bf16+channels_last+compile-cudagraphs"],
 }
@@ -137,7 +137,8 @@ def reference(net: str, config: str, batch: int, images: int, device: str):
     from benchmarks.torch_reference import REFERENCES, parameter_count
 
     torch.manual_seed(0)
-    model = REFERENCES[net](CLASSES).to(device)
+    # "+inplace": ReLUs and residual sums in place, as torchvision's ResNets (ResNet v1 only)
+    model = REFERENCES[net](CLASSES, inplace="inplace" in config).to(device)
     channels_last = "channels_last" in config
     if channels_last:
         model = model.to(memory_format=torch.channels_last)

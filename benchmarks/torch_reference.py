@@ -4,6 +4,9 @@ They exist only to time a reference implementation next to ours (benchmarks/thro
 same widths, depths, shortcuts, biases and head, so the trainable parameter counts match the
 Keras models exactly (the benchmark checks this before it times anything). The softmax is left
 to the loss (``cross_entropy`` on logits), which is the same arithmetic.
+
+``inplace=True`` builds the same nets with torchvision's habit: ReLUs in place and the residual
+sum added into the block's output (``out += shortcut``), which saves a fresh tensor each.
 """
 
 from __future__ import annotations
@@ -20,30 +23,32 @@ def conv(cin: int, cout: int, kernel: int, stride: int = 1) -> nn.Conv2d:
 class BasicUnit(nn.Module):
     """ResNet v1: conv3x3-BN-ReLU-conv3x3-BN plus shortcut (1x1 projection when shape changes)."""
 
-    def __init__(self, cin: int, cout: int, stride: int):
+    def __init__(self, cin: int, cout: int, stride: int, inplace: bool = False):
         super().__init__()
+        self.inplace = inplace
         self.conv1, self.bn1 = conv(cin, cout, 3, stride), nn.BatchNorm2d(cout)
         self.conv2, self.bn2 = conv(cout, cout, 3), nn.BatchNorm2d(cout)
         self.shortcut = conv(cin, cout, 1, stride) if stride != 1 or cin != cout else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.relu(self.bn1(self.conv1(x)))
+        relu = torch.relu_ if self.inplace else torch.relu
+        y = relu(self.bn1(self.conv1(x)))
         y = self.bn2(self.conv2(y))
         if self.shortcut is not None:
             x = self.shortcut(x)
-        return torch.relu(x + y)
+        return relu(y.add_(x) if self.inplace else x + y)
 
 
 class ResNetV1(nn.Module):
-    def __init__(self, depth: int, num_classes: int = 10):
+    def __init__(self, depth: int, num_classes: int = 10, inplace: bool = False):
         super().__init__()
         units = (depth - 2) // 6
-        self.stem = nn.Sequential(conv(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU())
+        self.stem = nn.Sequential(conv(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(inplace))
         layers, cin = [], 16
         for index, cout in enumerate((16, 32, 64)):
             for unit in range(units):
                 stride = 2 if index > 0 and unit == 0 else 1
-                layers.append(BasicUnit(cin, cout, stride))
+                layers.append(BasicUnit(cin, cout, stride, inplace))
                 cin = cout
         self.body = nn.Sequential(*layers)
         self.head = nn.Linear(64, num_classes)
@@ -133,10 +138,10 @@ class DenseNetBC(nn.Module):
 
 
 REFERENCES = {
-    "resnet20_v1": lambda classes: ResNetV1(20, classes),
-    "resnet56_v1": lambda classes: ResNetV1(56, classes),
-    "resnet110_v2": lambda classes: ResNetV2(110, classes),
-    "densenet_bc_100_k12": lambda classes: DenseNetBC(100, 12, classes),
+    "resnet20_v1": lambda classes, inplace=False: ResNetV1(20, classes, inplace),
+    "resnet56_v1": lambda classes, inplace=False: ResNetV1(56, classes, inplace),
+    "resnet110_v2": lambda classes, inplace=False: ResNetV2(110, classes),
+    "densenet_bc_100_k12": lambda classes, inplace=False: DenseNetBC(100, 12, classes),
 }
 
 
