@@ -137,7 +137,7 @@ def reference(net: str, config: str, batch: int, images: int, device: str):
     from benchmarks.torch_reference import REFERENCES, parameter_count
 
     torch.manual_seed(0)
-    # "+inplace": ReLUs and residual sums in place, as torchvision's ResNets (ResNet v1 only)
+    # "+inplace": ReLUs and residual sums in place, as torchvision's ResNets
     model = REFERENCES[net](CLASSES, inplace="inplace" in config).to(device)
     channels_last = "channels_last" in config
     if channels_last:

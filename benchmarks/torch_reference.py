@@ -61,12 +61,15 @@ class ResNetV1(nn.Module):
 class PreactBottleneck(nn.Module):
     """ResNet v2: [BN-ReLU]-conv1x1-BN-ReLU-conv3x3-BN-ReLU-conv1x1 plus shortcut, no final ReLU."""
 
-    def __init__(self, cin: int, inner: int, cout: int, stride: int, preact: bool):
+    def __init__(self, cin: int, inner: int, cout: int, stride: int, preact: bool,
+                 inplace: bool = False):
         super().__init__()
-        self.pre = nn.Sequential(nn.BatchNorm2d(cin), nn.ReLU()) if preact else nn.Identity()
+        self.inplace = inplace
+        self.pre = (nn.Sequential(nn.BatchNorm2d(cin), nn.ReLU(inplace)) if preact
+                    else nn.Identity())
         self.body = nn.Sequential(
-            conv(cin, inner, 1, stride), nn.BatchNorm2d(inner), nn.ReLU(),
-            conv(inner, inner, 3), nn.BatchNorm2d(inner), nn.ReLU(),
+            conv(cin, inner, 1, stride), nn.BatchNorm2d(inner), nn.ReLU(inplace),
+            conv(inner, inner, 3), nn.BatchNorm2d(inner), nn.ReLU(inplace),
             conv(inner, cout, 1),
         )
         self.shortcut = conv(cin, cout, 1, stride) if stride != 1 or cin != cout else None
@@ -74,21 +77,23 @@ class PreactBottleneck(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # the shortcut takes the unit's raw input, as the book's resnet_v2 does
         y = self.body(self.pre(x))
-        return (self.shortcut(x) if self.shortcut is not None else x) + y
+        shortcut = self.shortcut(x) if self.shortcut is not None else x
+        return y.add_(shortcut) if self.inplace else shortcut + y
 
 
 class ResNetV2(nn.Module):
-    def __init__(self, depth: int, num_classes: int = 10):
+    def __init__(self, depth: int, num_classes: int = 10, inplace: bool = False):
         super().__init__()
         units = (depth - 2) // 9
-        self.stem = nn.Sequential(conv(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU())
+        self.stem = nn.Sequential(conv(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(inplace))
         layers, cin = [], 16
         for index, cout in enumerate((64, 128, 256)):
             inner = cin  # the book's widths: the stage's input width
             for unit in range(units):
                 stride = 2 if index > 0 and unit == 0 else 1
                 layers.append(PreactBottleneck(cin, inner, cout, stride,
-                                               preact=not (index == 0 and unit == 0)))
+                                               preact=not (index == 0 and unit == 0),
+                                               inplace=inplace))
                 cin = cout
         self.body = nn.Sequential(*layers)
         self.head_bn = nn.BatchNorm2d(256)
@@ -102,11 +107,11 @@ class ResNetV2(nn.Module):
 class DenseLayer(nn.Module):
     """BN-ReLU-conv1x1(4k)-BN-ReLU-conv3x3(k), concatenated to the input."""
 
-    def __init__(self, cin: int, growth: int):
+    def __init__(self, cin: int, growth: int, inplace: bool = False):
         super().__init__()
         self.body = nn.Sequential(
-            nn.BatchNorm2d(cin), nn.ReLU(), conv(cin, 4 * growth, 1),
-            nn.BatchNorm2d(4 * growth), nn.ReLU(), conv(4 * growth, growth, 3),
+            nn.BatchNorm2d(cin), nn.ReLU(inplace), conv(cin, 4 * growth, 1),
+            nn.BatchNorm2d(4 * growth), nn.ReLU(inplace), conv(4 * growth, growth, 3),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -116,14 +121,15 @@ class DenseLayer(nn.Module):
 class DenseNetBC(nn.Module):
     """The book's DenseNet-BC: stem concatenated with the image, BN-conv1x1-pool transitions."""
 
-    def __init__(self, depth: int = 100, growth: int = 12, num_classes: int = 10):
+    def __init__(self, depth: int = 100, growth: int = 12, num_classes: int = 10,
+                 inplace: bool = False):
         super().__init__()
         layers = (depth - 4) // 6
-        self.stem = nn.Sequential(nn.BatchNorm2d(3), nn.ReLU(), conv(3, 2 * growth, 3))
+        self.stem = nn.Sequential(nn.BatchNorm2d(3), nn.ReLU(inplace), conv(3, 2 * growth, 3))
         blocks, cin, grown = [], 3 + 2 * growth, 2 * growth
         for block in range(3):
             for _ in range(layers):
-                blocks.append(DenseLayer(cin, growth))
+                blocks.append(DenseLayer(cin, growth, inplace))
                 cin += growth
             if block < 2:
                 filters = int((grown + layers * growth) * 0.5)
@@ -140,8 +146,8 @@ class DenseNetBC(nn.Module):
 REFERENCES = {
     "resnet20_v1": lambda classes, inplace=False: ResNetV1(20, classes, inplace),
     "resnet56_v1": lambda classes, inplace=False: ResNetV1(56, classes, inplace),
-    "resnet110_v2": lambda classes, inplace=False: ResNetV2(110, classes),
-    "densenet_bc_100_k12": lambda classes, inplace=False: DenseNetBC(100, 12, classes),
+    "resnet110_v2": lambda classes, inplace=False: ResNetV2(110, classes, inplace),
+    "densenet_bc_100_k12": lambda classes, inplace=False: DenseNetBC(100, 12, classes, inplace),
 }
 
 
