@@ -364,7 +364,9 @@ def _install_direct_calls(keras, torch, compiling, keras_conv_op, conv2d_nchw,
         frame.fresh = len(tensors) > 1
         # the sum goes into an addend that no other layer reads (a batch norm's output in a
         # residual block), as a PyTorch block's ``out += shortcut`` does
-        shape = torch.broadcast_shapes(*(t.shape for t in tensors))
+        shape = tensors[0].shape  # torch.broadcast_shapes is Python: ask it only if needed
+        if any(t.shape != shape for t in tensors):
+            shape = torch.broadcast_shapes(*(t.shape for t in tensors))
         first = next((index for index, key in enumerate(keys)
                       if frame.overwritable(key, tensors[index])
                       and tensors[index].shape == shape), None)
