@@ -57,7 +57,8 @@ KERAS_CONFIGS = {
 }
 TORCH_CONFIGS = {
     "cpu": ["float32", "float32+channels_last", "float32+channels_last+inplace",
-            "bf16+channels_last", "float32+channels_last+compile"],
+            "float32+channels_last+inplace+fused-adam", "bf16+channels_last",
+            "float32+channels_last+compile"],
     "gpu": ["float32", "bf16+channels_last", "bf16+channels_last+compile",
             "bf16+channels_last+compile-cudagraphs"],
 }
@@ -146,7 +147,9 @@ def reference(net: str, config: str, batch: int, images: int, device: str):
     if "compile" in config:  # "reduce-overhead" replays the net's kernels as a CUDA graph
         step_model = torch.compile(model, mode="reduce-overhead" if "cudagraphs" in config
                                    else None)
-    optimizer = torch.optim.Adam(model.parameters(), 1e-3)
+    # "+fused-adam": torch's one-kernel Adam (on a CPU torch's default is a loop over the
+    # weights); ours updates its float32 weights with that kernel too (speed.fused_kernels)
+    optimizer = torch.optim.Adam(model.parameters(), 1e-3, fused="fused-adam" in config or None)
     x_host, y_host = synthetic(images)
     steps = -(-images // batch)
     x_all = torch.from_numpy(x_host).to(device)
