@@ -93,6 +93,13 @@ class RandomShift(keras.layers.Layer):
         """(batch, size, size) matrices: output pixel i takes input pixel i - shift."""
         ops = keras.ops
         source = ops.arange(size, dtype="float32")[None, :] - shifts[:, None]  # (batch, size)
+        columns = ops.arange(size, dtype="float32")[None, None, :]
+        if self.interpolation == "whole_pixels":
+            # whole shifts: every weight is 1 or 0, the matrices below with frac = 0 exactly,
+            # in a third of the ops
+            if self.fill == "nearest":
+                source = ops.clip(source, 0.0, size - 1.0)
+            return ops.cast(ops.equal(source[:, :, None], columns), "float32")
         low = ops.floor(source)
         frac = source - low
         if self.fill == "nearest":
@@ -100,7 +107,6 @@ class RandomShift(keras.layers.Layer):
             low, high = clip(low), clip(low + 1.0)
         else:
             high = low + 1.0  # a source outside the image matches no column: zero
-        columns = ops.arange(size, dtype="float32")[None, None, :]
         return (ops.cast(ops.equal(low[:, :, None], columns), "float32") * (1.0 - frac)[:, :, None]
                 + ops.cast(ops.equal(high[:, :, None], columns), "float32") * frac[:, :, None])
 

@@ -43,6 +43,23 @@ def test_shift_matches_explicit_bilinear(fill, dy, dx):
                                    shifted_reference(images[index], dy, dx, fill), atol=1e-5)
 
 
+@pytest.mark.parametrize("fill", ["nearest", "zero"])
+@pytest.mark.parametrize("dy,dx", [(0.0, 0.0), (2.0, -3.0), (-4.0, 1.0), (3.0, 4.0)])
+def test_whole_pixel_weights_shift_exactly(fill, dy, dx):
+    # the whole-pixel matrices are built without the bilinear fractions: the same pixels, bit
+    # for bit, as the bilinear formula gives for whole shifts
+    rng = np.random.default_rng(2)
+    images = rng.normal(size=(2, 7, 9, 3)).astype("float32")
+    layer = RandomShift(4, 4, fill=fill, interpolation="whole_pixels")
+    rows = layer._weights(keras.ops.convert_to_tensor([dy, -dy], "float32"), 7)
+    cols = layer._weights(keras.ops.convert_to_tensor([dx, -dx], "float32"), 9)
+    got = keras.ops.convert_to_numpy(keras.ops.einsum(
+        "bkw,biwc->bikc", cols, keras.ops.einsum("bij,bjwc->biwc", rows, images)))
+    for index, sign in enumerate((1.0, -1.0)):
+        np.testing.assert_array_equal(
+            got[index], shifted_reference(images[index], sign * dy, sign * dx, fill))
+
+
 def test_whole_pixel_shifts_are_uniform_integers_and_inference_is_identity():
     layer = RandomShift(2, 2, fill="zero", interpolation="whole_pixels", seed=3)
     images = np.zeros((4000, 5, 5, 1), "float32")
