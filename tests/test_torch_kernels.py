@@ -311,6 +311,62 @@ print("RESULTS " + json.dumps({"installed": installed, "keras": keras_own, "fuse
 """
 
 
+PADDING = r"""
+import json
+import numpy as np
+import keras, torch
+from tasks import torch_kernels
+
+keras.utils.set_random_seed(2)
+inputs = keras.Input((8, 10, 3))
+x = keras.layers.Conv2D(5, 3, strides=2, padding="same")(inputs)  # asymmetric: 0 above, 1 below
+model = keras.Model(inputs, keras.layers.Flatten()(x),
+                    name="padded")
+# L2 penalties on the kernel and bias with two factors: their gradients join the output's
+model.layers[1].kernel.regularizer = keras.regularizers.L2(0.05)
+model.layers[1].bias.regularizer = keras.regularizers.L2(0.2)
+batches = [torch.from_numpy(np.random.default_rng(seed).standard_normal((4, 8, 10, 3))
+                            .astype("float32")).requires_grad_() for seed in range(3)]
+weights = lambda: [w.value for w in model.trainable_weights]  # noqa: E731
+loss = lambda out: (out * torch.linspace(-1.0, 2.0, out.numel()).view(out.shape)).sum()  # noqa: E731
+
+def grads(*tensors):
+    found = [t.grad.tolist() for t in tensors]
+    for t in tensors:
+        t.grad = None
+    return found
+
+def run():
+    steps = []
+    for batch in batches:  # one forward and backward after another, as in training
+        out = model(batch, training=True)
+        (loss(out) + sum(model.losses)).backward()
+        steps.append({"out": out.detach().tolist(), "losses": [float(l) for l in model.losses],
+                      "grads": grads(batch, *weights())})
+    # two forward passes before their backward passes, the first graph kept for a second
+    first, second = model(batches[0], training=True), model(batches[1], training=True)
+    loss(first).backward(retain_graph=True)
+    loss(second).backward()
+    loss(first).backward()
+    together = grads(batches[0], batches[1], *weights())
+    return {"steps": steps, "together": together}
+
+padded = []  # the memory of each padded input the convolution reads
+conv2d = torch.nn.functional.conv2d
+def recording(x, *args, **kwargs):
+    if x.shape[2] == 9:
+        padded.append(x.data_ptr())
+    return conv2d(x, *args, **kwargs)
+torch.nn.functional.conv2d = recording
+
+keras_own = run()
+installed = torch_kernels.install()
+mine = run()
+print("RESULTS " + json.dumps({"installed": installed, "keras": keras_own, "fused": mine,
+                               "padded": padded}))
+"""
+
+
 def _under_torch(script: str, *args: str) -> dict:
     pytest.importorskip("torch", reason="install the benchmark extra (torch) to test the torch backend")
     env = stage_environment()
@@ -453,3 +509,25 @@ def test_fused_adam_updates_what_keras_adam_updates() -> None:
         for got, want in zip(mine["weights"] + mine["slots"], theirs["weights"] + theirs["slots"],
                              strict=True):
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-6, err_msg=name)
+
+
+def test_strided_padding_reuses_its_buffer_and_computes_what_keras_computes() -> None:
+    results = _under_torch(PADDING)
+    assert results["installed"] is True
+    keras_own, fused = results["keras"], results["fused"]
+    for mine, theirs in zip(fused["steps"], keras_own["steps"], strict=True):
+        np.testing.assert_allclose(mine["out"], theirs["out"], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(mine["losses"], theirs["losses"], rtol=1e-6)
+        for got, want in zip(mine["grads"], theirs["grads"], strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    # a graph kept across another forward pass still has its own padded input
+    for got, want in zip(fused["together"], keras_own["together"], strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    # Keras pads its own copy (NCHW, 9 x 11) on every call: five calls before the install.
+    # After it, the three steps pad into one buffer; the two graphs alive at once need two
+    padded = results["padded"]
+    assert len(padded) == 10
+    steps, first, second = padded[5:8], padded[8], padded[9]
+    assert len(set(steps)) == 1
+    assert first in steps and second != first
+
