@@ -230,16 +230,27 @@ def install() -> bool:
             layers = self.layers
             if not layers:
                 return
+            # one 0-dim tensor where every layer has the same epsilon (momentum): torch wraps
+            # a Python number in a tensor for each list element, which took four times as long
+            epsilons = [float(layer.epsilon) for layer in layers]
+            momenta = [float(layer.momentum) for layer in layers] * 2
             with torch.no_grad():
                 variances = torch._foreach_pow(self.inverse_stds, -2.0)
-                torch._foreach_sub_(variances, [float(layer.epsilon) for layer in layers])
+                if epsilons.count(epsilons[0]) == len(epsilons):  # x + (-e) is x - e exactly
+                    torch._foreach_add_(variances, torch.tensor(-epsilons[0]))
+                else:
+                    torch._foreach_sub_(variances, epsilons)
                 movings = ([value_of(layer.moving_mean) for layer in layers]
                            + [value_of(layer.moving_variance) for layer in layers])
-                momenta = [float(layer.momentum) for layer in layers] * 2
+                batch = [*self.means, *variances]
                 # Keras' formula and rounding: moving * momentum + batch * (1 - momentum)
-                torch._foreach_mul_(movings, momenta)
-                torch._foreach_add_(movings, torch._foreach_mul(
-                    [*self.means, *variances], [1.0 - momentum for momentum in momenta]))
+                if momenta.count(momenta[0]) == len(momenta):
+                    torch._foreach_mul_(movings, torch.tensor(momenta[0]))
+                    batch = torch._foreach_mul(batch, torch.tensor(1.0 - momenta[0]))
+                else:
+                    torch._foreach_mul_(movings, momenta)
+                    batch = torch._foreach_mul(batch, [1.0 - momentum for momentum in momenta])
+                torch._foreach_add_(movings, batch)
             self.__init__()
 
     def conv(inputs, kernel, strides=1, padding="valid", data_format=None, dilation_rate=1):
@@ -307,6 +318,7 @@ def _install_direct_calls(keras, torch, compiling, keras_conv_op, conv2d_nchw,
     same tensors (tests/test_torch_kernels.py).
     """
     import collections
+    import math
     import weakref
 
     try:
@@ -319,6 +331,9 @@ def _install_direct_calls(keras, torch, compiling, keras_conv_op, conv2d_nchw,
         return
 
     keras_functional_call = Functional.call
+    dense_call, softmax = keras.layers.Dense.call, keras.activations.softmax
+    tensor_type = torch.Tensor
+    policy_type = type(keras.dtype_policies.get("float32"))
     functional = torch.nn.functional
     layers = keras.layers
     linear, relu_function = keras.activations.linear, keras.activations.relu
@@ -498,13 +513,86 @@ def _install_direct_calls(keras, torch, compiling, keras_conv_op, conv2d_nchw,
         an integer batch (raw pixels) is taken as Layer.__call__ takes it, unconverted."""
         return None
 
+    def rescaling(layer, frame, keys, training):
+        """``cast(x) * scale + offset`` as Keras' op computes it, with a number for each; the
+        addition of a zero offset is skipped where it cannot change a bit (a positive scale
+        of unsigned pixels)."""
+        scale, offset = layer.scale, layer.offset
+        if type(scale) not in (float, int) or type(offset) not in (float, int):
+            return None
+        x = frame.nhwc(keys[0])
+        scale_ = torch.tensor(scale, dtype=float32)
+        y = x.to(float32).mul_(scale_) if x.dtype is not float32 else torch.mul(x, scale_)
+        if offset != 0 or scale < 0 or x.dtype.is_floating_point:
+            y = y.add_(torch.tensor(offset, dtype=float32))
+        frame.fresh = not y.requires_grad
+        return y, False
+
+    # Normalization's divisor, max(sqrt(variance), epsilon), made once per variance tensor
+    divisors: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def normalization(layer, frame, keys, training):
+        """``(x - mean) / max(sqrt(variance), epsilon)``, Keras' ops in Keras' order; the
+        divisor is kept while the variance tensor is unchanged (its version counter)."""
+        mean, variance = layer.mean, layer.variance
+        if (layer.invert or type(mean) is not torch.Tensor or type(variance) is not torch.Tensor
+                or mean.dtype is not float32 or variance.dtype is not float32):
+            return None
+        epsilon = keras.config.epsilon()
+        kept = divisors.get(layer)
+        if kept is None or kept[0] is not variance or kept[1] != (variance._version, epsilon):
+            divisor = torch.maximum(torch.sqrt(variance), torch.tensor(epsilon, dtype=float32))
+            kept = divisors[layer] = (variance, (variance._version, epsilon), divisor)
+        x = frame.nhwc(keys[0])
+        y = (x.sub_(mean) if frame.overwritable(keys[0], x) and not x.requires_grad
+             and x.shape == torch.broadcast_shapes(x.shape, mean.shape)
+             else torch.sub(x, mean))
+        frame.fresh = not y.requires_grad
+        return y.div_(kept[2]), False
+
+    def flip(layer, frame, keys, training):
+        """RandomFlip in training: the layer's own draws, then Keras' ``where(flips,
+        flip(x), x)`` on the batch, without Keras' call around it."""
+        if not training or layer.data_format != "channels_last" or layer.mode not in (
+                "horizontal", "vertical"):
+            return None
+        x = frame.nhwc(keys[0])
+        if x.ndim != 4:
+            return None
+        flips = layer.get_random_transformation(x, training=True)["flips"]
+        return torch.where(flips, x.flip(2 if layer.mode == "horizontal" else 1), x), False
+
+    def dense(layer, frame, keys, training):
+        """Dense on a 2-D float32 batch: Keras' matmul, bias addition and linear or softmax
+        activation as its torch ops compute them."""
+        activation = layer.activation
+        if (layer.lora_enabled or (activation is not linear and activation is not softmax)
+                or type(layer).call is not dense_call):
+            return None
+        x = frame.nhwc(keys[0])
+        if x.ndim != 2:
+            return None
+        y = torch.matmul(x, value_of(layer.kernel))
+        if layer.bias is not None:
+            y = torch.add(y, value_of(layer.bias))
+        if activation is softmax:
+            logits, y = y, torch.softmax(y, dim=-1)
+            y._keras_logits = logits  # as keras.activations.softmax leaves it
+        return y, False
+
+    def flatten(layer, frame, keys, training):
+        if layer.data_format != "channels_last":
+            return None
+        x = frame.nhwc(keys[0])
+        return x.reshape(x.shape[0], math.prod(x.shape[1:])), False
+
     handlers = {getattr(layers, name): handler for name, handler in (
         ("Conv2D", conv), ("BatchNormalization", batch_norm), ("Activation", relu),
         ("ReLU", relu), ("Add", add), ("Concatenate", concatenate),
         ("AveragePooling2D", pool), ("MaxPooling2D", pool), ("ZeroPadding2D", zero_pad),
-        ("GlobalAveragePooling2D", global_average), ("Dense", keras_layout),
-        ("Flatten", keras_layout), ("Dropout", keras_layout), ("Rescaling", data),
-        ("Normalization", data), ("RandomFlip", data)) if hasattr(layers, name)}
+        ("GlobalAveragePooling2D", global_average), ("Dense", dense),
+        ("Flatten", flatten), ("Dropout", keras_layout), ("Rescaling", rescaling),
+        ("Normalization", normalization), ("RandomFlip", flip)) if hasattr(layers, name)}
     # a nested functional model (a net inside the training model) runs its own plan
     handlers[Functional] = keras_layout
     try:  # the train stage's shift and crop (tasks/modeling.py)
@@ -527,13 +615,27 @@ def _install_direct_calls(keras, torch, compiling, keras_conv_op, conv2d_nchw,
         return handler
 
     def plain(layer) -> bool:
-        return (layer.built
-                and layer.dtype_policy.name == "float32"
+        policy = layer._dtype_policy
+        # a plain DTypePolicy has no quantisation: its property need not be asked
+        return ((policy.name == "float32" if type(policy) is policy_type
+                 else (layer.dtype_policy.name == "float32"
+                       and getattr(layer, "quantization_mode", None) is None))
+                and layer.built
                 and layer.activity_regularizer is None
                 and not getattr(layer, "_remat_mode", None)
-                and getattr(layer, "quantization_mode", None) is None
                 and not (layer._forward_hooks or layer._forward_pre_hooks
                          or layer._backward_hooks or layer._backward_pre_hooks))
+
+    def inputs_fit(frame, keys, integers) -> bool:
+        """Every input a plain float32 torch tensor (or, for ``integers``, an integer one)."""
+        for key in keys:
+            tensor = frame.nchw_.get(key)
+            if tensor is None:
+                tensor = frame.nhwc_[key]
+            if type(tensor) is not tensor_type or (tensor.dtype is not float32 and (
+                    not integers or tensor.dtype.is_floating_point)):
+                return False
+        return True
 
     def make_plan(model):
         """[(layer, handler or None, takes training?, input keys, a list argument?, arguments,
@@ -601,10 +703,8 @@ def _install_direct_calls(keras, torch, compiling, keras_conv_op, conv2d_nchw,
             dropping = drops
             # the layer's state is checked on every call: a policy, a quantisation or a hook
             # can be set after the plan was made
-            if handler is not None and plain(layer) and all(
-                    type(t) is torch.Tensor and (t.dtype is float32 or (
-                        handler is data and not t.dtype.is_floating_point))
-                    for t in (frame.either(key)[0] for key in keys)):
+            if handler is not None and plain(layer) and inputs_fit(
+                    frame, keys, handler is data or handler is rescaling):
                 result = handler(layer, frame, keys, training)
                 if result is None:
                     tensors = [frame.nhwc(key) for key in keys]
@@ -689,8 +789,9 @@ def _install_loss_terms(keras, torch, compiling, in_stateless_scope, value_of) -
         def forward(ctx, factor, *weights):
             ctx.factor = factor
             ctx.save_for_backward(*weights)
-            norms = torch._foreach_norm(weights)
-            return torch.stack(torch._foreach_mul(torch._foreach_mul(norms, norms), factor))
+            # squared and scaled as one vector: the same products as per weight, in two ops
+            norms = torch.stack(torch._foreach_norm(weights))
+            return norms.mul(norms).mul_(factor)
 
         @staticmethod
         def backward(ctx, grad):
@@ -727,6 +828,65 @@ def _install_loss_terms(keras, torch, compiling, in_stateless_scope, value_of) -
     Layer._get_regularization_losses = regularization_losses
     Trainer._aggregate_additional_loss = aggregate
 
+    try:
+        from keras.src.backend import get_keras_mask
+        from keras.src.losses.losses import LossFunctionWrapper
+        from keras.src.losses.losses import sparse_categorical_crossentropy as keras_sparse
+        from keras.src.trainers.compile_utils import CompileLoss
+    except ImportError as error:
+        warnings.warn(f"speed.fused_kernels: Keras {keras.__version__} is laid out differently "
+                      f"({error}); the loss is computed as usual.", stacklevel=3)
+        return
+    keras_compute_loss = Trainer.compute_loss
+    functional = torch.nn.functional
+    sparse_arguments = {"from_logits": False, "ignore_class": None, "axis": -1}
+
+    def sparse_crossentropy(compile_loss, y, y_pred, sample_weight):
+        """``compile(loss="sparse_categorical_crossentropy")`` on a batch of probabilities:
+        Keras' torch ops in Keras' order, without the wrappers around them (structure checks,
+        conversions, the reduction's own ops), or None for any other loss or case."""
+        if (type(compile_loss) is not CompileLoss
+                or sample_weight is not None or type(y_pred) is not torch.Tensor
+                or type(y) is not torch.Tensor or y_pred.dtype is not float32
+                or y_pred.ndim != 2 or y_pred.shape[1] < 2 or y_pred.shape[0] == 0
+                or not (y.ndim == 1 or (y.ndim == 2 and y.shape[1] == 1))
+                or y.shape[0] != y_pred.shape[0] or y.device != y_pred.device
+                or get_keras_mask(y_pred) is not None or compile_loss.dtype != "float32"):
+            return None
+        if not compile_loss.built:  # as CompileLoss.call does for one unnested output
+            compile_loss.build(y, y_pred)
+        if len(compile_loss._flat_losses) != 1:
+            return None
+        path, loss, weight, _ = compile_loss._flat_losses[0]
+        if (path or weight is not None or type(loss) is not LossFunctionWrapper
+                or loss.fn is not keras_sparse or loss.reduction != "sum_over_batch_size"
+                or loss.dtype != "float32" or any(
+                    key not in sparse_arguments or sparse_arguments[key] != value
+                    for key, value in loss._fn_kwargs.items())):
+            return None
+        # Loss.__call__ casts the labels to its dtype, the backend's loss to integers
+        target = y.to(float32).to(torch.long)
+        if target.ndim == 2:
+            target = target.squeeze(-1)
+        epsilon = keras.config.epsilon()
+        probabilities = torch.clip(y_pred / torch.sum(y_pred, dim=1, keepdim=True), epsilon,
+                                   1.0 - epsilon)
+        values = functional.nll_loss(torch.log(probabilities), target, reduction="none")
+        # sum over the batch size: Keras divides by the count made a float32 tensor
+        return torch.divide(torch.sum(values), torch.tensor(float(values.shape[0])))
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        loss = (None if (self._compile_loss is None or compiling() or in_stateless_scope()
+                         or get_autocast_scope() is not None)
+                else sparse_crossentropy(self._compile_loss, y, y_pred, sample_weight))
+        if loss is None:
+            return keras_compute_loss(self, x, y, y_pred, sample_weight, training=training)
+        losses = [loss, *(self._aggregate_additional_loss(term) for term in self.losses)]
+        # Keras' ops.sum of the list: stacked, then summed
+        return losses[0] if len(losses) == 1 else torch.sum(torch.stack(losses))
+
+    Trainer.compute_loss = compute_loss
+
 
 def _install_fused_adam(keras, torch, compiling, value_of) -> None:
     """Adam's (and AdamW's) update of float32 weights on a CPU in torch's one fused kernel.
@@ -759,9 +919,12 @@ def _install_fused_adam(keras, torch, compiling, value_of) -> None:
     keras_update = Adam._parallel_update_step
     float32, variable_type = torch.float32, keras.Variable
 
+    tensor_type, strided = torch.Tensor, torch.strided
+
     def fits(tensor) -> bool:
-        return (isinstance(tensor, torch.Tensor) and tensor.dtype is float32
-                and tensor.device.type == "cpu" and tensor.layout is torch.strided)
+        # attribute checks only: this runs for every weight, moment and gradient each step
+        return (type(tensor) in (tensor_type, torch.nn.Parameter) and tensor.dtype is float32
+                and tensor.is_cpu and tensor.layout is strided)
 
     def parallel_update_step(self, grads, variables, learning_rate):
         if (compiling() or self.amsgrad or not variables
@@ -774,8 +937,8 @@ def _install_fused_adam(keras, torch, compiling, value_of) -> None:
         moments = [value_of(self._momentums[slot]) for slot in slots]
         velocities = [value_of(self._velocities[slot]) for slot in slots]
         grads = list(grads)
-        if not all(fits(t) and t.is_contiguous() for group in (weights, moments, velocities)
-                   for t in group) or not all(fits(g) for g in grads):
+        if not (all(fits(t) and t.is_contiguous() for group in (weights, moments, velocities)
+                    for t in group) and all(fits(g) for g in grads)):
             return keras_update(self, grads, variables, learning_rate)
         grads = [g if g.is_contiguous() else g.contiguous() for g in grads]
         rate = learning_rate.value if isinstance(learning_rate, variable_type) else learning_rate

@@ -311,6 +311,64 @@ print("RESULTS " + json.dumps({"installed": installed, "keras": keras_own, "fuse
 """
 
 
+LOSS = r"""
+import json
+import numpy as np
+import keras, torch
+from keras.src.losses.loss import Loss
+from tasks import torch_kernels
+
+calls = []  # Keras' Loss.__call__: the wrappers the fast path leaves out
+keras_loss_call = Loss.__call__
+def counting(self, *args, **kwargs):
+    calls.append(type(self).__name__)
+    return keras_loss_call(self, *args, **kwargs)
+Loss.__call__ = counting
+
+def make(loss):
+    keras.utils.set_random_seed(1)
+    inputs = keras.Input((5,))
+    x = keras.layers.Dense(7, activation="relu",
+                           kernel_regularizer=keras.regularizers.L2(0.01))(inputs)
+    outputs = keras.layers.Dense(4, activation="softmax",
+                                 kernel_regularizer=keras.regularizers.L2(0.02))(x)
+    model = keras.Model(inputs, outputs)
+    model.compile(optimizer="adam", loss=loss)
+    return model
+
+rng = np.random.default_rng(0)
+x = torch.from_numpy(rng.standard_normal((6, 5)).astype("float32"))
+LABELS = {"int64": torch.tensor([0, 1, 2, 3, 1, 0]),
+          "float_column": torch.tensor([[0.0], [1.0], [2.0], [3.0], [1.0], [0.0]])}
+CASES = {  # name: (loss, labels, sample weight)
+    **{name: ("sparse_categorical_crossentropy", name, None) for name in LABELS},
+    "sample_weight": ("sparse_categorical_crossentropy", "int64",
+                      torch.tensor([1.0, 0.5, 2.0, 1.0, 0.0, 1.0])),
+    "from_logits": (keras.losses.SparseCategoricalCrossentropy(from_logits=True), "int64",
+                    None),
+    "mse": ("mse", "float_column", None),
+}
+
+def run():
+    out = {}
+    for name, (loss, labels, weight) in CASES.items():
+        model = make(loss)
+        calls.clear()
+        y_pred = model(x, training=True)
+        total = model._compute_loss(x=x, y=LABELS[labels], y_pred=y_pred,
+                                    sample_weight=weight, training=True)
+        total.backward()
+        out[name] = {"loss": total.item(), "dtype": str(total.dtype),
+                     "grads": [w.value.grad.tolist() for w in model.trainable_weights],
+                     "keras_loss_calls": len(calls)}
+    return out
+
+keras_own = run()
+installed = torch_kernels.install()
+print("RESULTS " + json.dumps({"installed": installed, "keras": keras_own, "fused": run()}))
+"""
+
+
 PADDING = r"""
 import json
 import numpy as np
@@ -441,8 +499,9 @@ def test_plain_layers_are_called_directly_and_compute_what_keras_computes() -> N
     assert keras_own["pixel_calls"] == {"Functional": 2, "Rescaling": 1, "Normalization": 1,
                                         "RandomShift": 1, "RandomFlip": 1, "Conv2D": 1}
     assert direct["pixel_calls"] == {"Functional": 1}
-    np.testing.assert_allclose(direct["augmented"], keras_own["augmented"], rtol=1e-5,
-                               atol=1e-6)
+    # scaling, normalising, shifting and flipping by Keras' ops in Keras' order, with the
+    # layers' own random draws: the same bits
+    assert direct["augmented"] == keras_own["augmented"]
     # a tensor that one layer alone reads, made by a batch norm, a convolution or an addition,
     # is overwritten by that layer: in a residual block both ReLUs run in place and the sum
     # goes into the second batch norm's output. (The chain's one `add` is its Dense layer's
@@ -509,6 +568,24 @@ def test_fused_adam_updates_what_keras_adam_updates() -> None:
         for got, want in zip(mine["weights"] + mine["slots"], theirs["weights"] + theirs["slots"],
                              strict=True):
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-6, err_msg=name)
+
+
+def test_sparse_crossentropy_loss_is_keras_own_bit_for_bit() -> None:
+    results = _under_torch(LOSS)
+    assert results["installed"] is True
+    keras_own, fused = results["keras"], results["fused"]
+    assert all(case["keras_loss_calls"] == 1 for case in keras_own.values())
+    # compile(loss="sparse_categorical_crossentropy") on probabilities, with integer labels
+    # or a float column of them, skips Keras' loss wrappers; a sample weight, a loss object
+    # from logits and another loss go through them as before
+    assert {name: case["keras_loss_calls"] for name, case in fused.items()} == {
+        "int64": 0, "float_column": 0, "sample_weight": 1, "from_logits": 1, "mse": 1}
+    for name, theirs in keras_own.items():
+        mine = fused[name]
+        # the same ops in the same order: the same bits, for the loss and every gradient
+        assert mine["loss"] == theirs["loss"], name
+        assert mine["dtype"] == theirs["dtype"] == "torch.float32"
+        assert mine["grads"] == theirs["grads"], name
 
 
 def test_strided_padding_reuses_its_buffer_and_computes_what_keras_computes() -> None:
