@@ -61,6 +61,12 @@ import warnings
 _installed = False
 
 
+def _laid_out_differently(keras, error, consequence: str) -> None:
+    """Warn that one part of the fused kernels stays off for this Keras version."""
+    warnings.warn(f"speed.fused_kernels: Keras {keras.__version__} is laid out differently "
+                  f"({error}); {consequence}", stacklevel=4)
+
+
 def install() -> bool:
     """Replace Keras' torch conv and training-mode batch norm; True if they are in place now."""
     global _installed
@@ -326,8 +332,7 @@ def _install_direct_calls(keras, torch, compiling, keras_conv_op, conv2d_nchw,
         from keras.src.backend.common.stateless_scope import in_stateless_scope
         from keras.src.models.functional import Functional
     except ImportError as error:
-        warnings.warn(f"speed.fused_kernels: Keras {keras.__version__} is laid out differently "
-                      f"({error}); layers are called through Keras as usual.", stacklevel=3)
+        _laid_out_differently(keras, error, "layers are called through Keras as usual.")
         return
 
     keras_functional_call = Functional.call
@@ -773,8 +778,7 @@ def _install_loss_terms(keras, torch, compiling, in_stateless_scope, value_of) -
         from keras.src.layers.layer import Layer
         from keras.src.trainers.trainer import Trainer
     except ImportError as error:
-        warnings.warn(f"speed.fused_kernels: Keras {keras.__version__} is laid out differently "
-                      f"({error}); regularisers run as usual.", stacklevel=3)
+        _laid_out_differently(keras, error, "regularisers run as usual.")
         return
 
     keras_regularization_losses = Layer._get_regularization_losses
@@ -834,8 +838,7 @@ def _install_loss_terms(keras, torch, compiling, in_stateless_scope, value_of) -
         from keras.src.losses.losses import sparse_categorical_crossentropy as keras_sparse
         from keras.src.trainers.compile_utils import CompileLoss
     except ImportError as error:
-        warnings.warn(f"speed.fused_kernels: Keras {keras.__version__} is laid out differently "
-                      f"({error}); the loss is computed as usual.", stacklevel=3)
+        _laid_out_differently(keras, error, "the loss is computed as usual.")
         return
     keras_compute_loss = Trainer.compute_loss
     functional = torch.nn.functional
@@ -910,8 +913,7 @@ def _install_fused_adam(keras, torch, compiling, value_of) -> None:
     try:
         from keras.src.backend.torch.optimizers.torch_adam import Adam
     except ImportError as error:
-        warnings.warn(f"speed.fused_kernels: Keras {keras.__version__} is laid out differently "
-                      f"({error}); Adam updates run as usual.", stacklevel=3)
+        _laid_out_differently(keras, error, "Adam updates run as usual.")
         return
     fused = getattr(torch, "_fused_adam_", None)
     if fused is None:
