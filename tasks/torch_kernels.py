@@ -41,6 +41,10 @@ quarter slower than the same net written directly in PyTorch (docs/benchmarks.md
   kernels instead of three dispatched ops each, and a scalar loss is not summed again. These
   and the changes above took about 4 ms off a ResNet20 v1 step at batch 2 on one thread of a
   2-core CPU (docs/benchmarks.md).
+- ``compile(loss="sparse_categorical_crossentropy")`` on probabilities runs Keras' torch ops
+  for that loss in Keras' order, without ``CompileLoss``, ``Loss.__call__`` and the reduction's
+  wrappers: the same loss and gradients bit for bit, 0.5 ms less at batch 2. Sample weights,
+  loss objects and other losses go through Keras.
 - Adam's and AdamW's update of float32 weights on a CPU runs in torch's fused Adam kernel, one
   pass over each weight instead of ten foreach ops, with epsilon rescaled so that the update is
   Keras' formula: about 3 ms less a step at batch 2 on one thread.
