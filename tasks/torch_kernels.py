@@ -517,13 +517,9 @@ def _install_direct_calls(keras, torch, compiling, keras_conv_op, conv2d_nchw,
         return x.reshape(-1, channels).index_select(0, index.view(-1)).view(
             n, rows.shape[1], cols.shape[1], channels), False
 
-    def data(layer, frame, keys, training):
-        """Scaling, normalisation and augmentation layers: their own call, in Keras' layout;
-        an integer batch (raw pixels) is taken as Layer.__call__ takes it, unconverted."""
-        return None
-
     def rescaling(layer, frame, keys, training):
-        """``cast(x) * scale + offset`` as Keras' op computes it, with a number for each; the
+        """``cast(x) * scale + offset`` as Keras' op computes it, with a number for each, on
+        float32 or integer input (raw pixels, which Layer.__call__ passes unconverted); the
         addition of a zero offset is skipped where it cannot change a bit (a positive scale
         of unsigned pixels)."""
         scale, offset = layer.scale, layer.offset
@@ -713,7 +709,7 @@ def _install_direct_calls(keras, torch, compiling, keras_conv_op, conv2d_nchw,
             # the layer's state is checked on every call: a policy, a quantisation or a hook
             # can be set after the plan was made
             if handler is not None and plain(layer) and inputs_fit(
-                    frame, keys, handler is data or handler is rescaling):
+                    frame, keys, handler is rescaling):
                 result = handler(layer, frame, keys, training)
                 if result is None:
                     tensors = [frame.nhwc(key) for key in keys]
