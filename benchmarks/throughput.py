@@ -21,7 +21,13 @@ On a shared machine the host's speed can drift by 10-20% between processes, more
 difference being measured. ``--interleaved`` (CPU, ``KERAS_BACKEND=torch``) runs both sides in
 one process instead: our ``fit`` with params.yaml's settings, and after each of its steps one
 step of each reference configuration. It compares median step times and prints the ratio with
-a 95% bootstrap interval over the paired steps.
+a 95% bootstrap interval over the paired steps, and ours against each configuration.
+
+A configuration names the reference's options joined by ``+``: ``float32`` or ``bf16``,
+``channels_last``, ``inplace`` (ReLUs and residual sums in place), ``fused-adam``, ``compile``,
+and ``keras-same``: padded as Keras' ``padding="same"`` does, which in ResNet v1's two strided
+3x3 convolutions is not PyTorch's symmetric padding, so that the reference computes the Keras
+net's own function (benchmarks/torch_reference.py).
 
     KERAS_BACKEND=torch python benchmarks/throughput.py --nets resnet20_v1 --interleaved \
         --steps 20 --epochs 3 --torch-configs float32,float32+channels_last
@@ -57,7 +63,8 @@ KERAS_CONFIGS = {
 }
 TORCH_CONFIGS = {
     "cpu": ["float32", "float32+channels_last", "float32+channels_last+inplace",
-            "float32+channels_last+inplace+fused-adam", "bf16+channels_last",
+            "float32+channels_last+inplace+fused-adam",
+            "float32+channels_last+inplace+fused-adam+keras-same", "bf16+channels_last",
             "float32+channels_last+compile"],
     "gpu": ["float32", "bf16+channels_last", "bf16+channels_last+compile",
             "bf16+channels_last+compile-cudagraphs"],
@@ -135,11 +142,13 @@ def reference(net: str, config: str, batch: int, images: int, device: str):
     work done (on a GPU, queued: the caller synchronises)."""
     import torch
 
-    from benchmarks.torch_reference import REFERENCES, parameter_count
+    from benchmarks.torch_reference import build, parameter_count
 
     torch.manual_seed(0)
-    # "+inplace": ReLUs and residual sums in place, as torchvision's ResNets
-    model = REFERENCES[net](CLASSES, inplace="inplace" in config).to(device)
+    # "+inplace": ReLUs and residual sums in place, as torchvision's ResNets; "+keras-same":
+    # padded as Keras' "same" (the Keras net's own function; benchmarks/torch_reference.py)
+    model = build(net, CLASSES, inplace="inplace" in config,
+                  same="keras-same" in config).to(device)
     channels_last = "channels_last" in config
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -279,6 +288,8 @@ def summarise_interleaved(result: dict, batch: int, seed: int = 0) -> dict:
     low, high = np.percentile(ratios, [2.5, 97.5])
     return {"steps": len(times["ours"]), "best_reference": best, "ratio": ratio,
             "ratio_95": [float(low), float(high)],
+            # ours against each configuration, the best one's being ``ratio``
+            "ratios": {side: medians[side] / medians["ours"] for side in times if side != "ours"},
             "images_per_s": {side: batch / m for side, m in medians.items()},
             "median_step_s": medians}
 
@@ -449,8 +460,10 @@ def interleaved(args, torch_configs: list[str], report: dict) -> int:
         summary = summarise_interleaved(result, args.batch)
         for side, rate in summary["images_per_s"].items():
             name = "keras:params" if side == "ours" else f"torch:{side}"
-            print(f"  {net:<20} {name:<34} {rate:9.1f} img/s "
-                  f"{summary['median_step_s'][side] * 1000:8.1f} ms/step (median)", flush=True)
+            against = "" if side == "ours" else f"  ours / this {summary['ratios'][side]:.3f}"
+            print(f"  {net:<20} {name:<56} {rate:9.1f} img/s "
+                  f"{summary['median_step_s'][side] * 1000:8.1f} ms/step (median){against}",
+                  flush=True)
         low, high = summary["ratio_95"]
         print(f"{net}: interleaved, {summary['steps']} steps of each: ours "
               f"{summary['images_per_s']['ours']:.1f} img/s / reference "

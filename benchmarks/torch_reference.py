@@ -7,26 +7,57 @@ to the loss (``cross_entropy`` on logits), which is the same arithmetic.
 
 ``inplace=True`` builds the same nets with torchvision's habit: ReLUs in place and the residual
 sum added into the block's output (``out += shortcut``), which saves a fresh tensor each.
+
+``same=True`` pads as Keras' ``padding="same"`` does. PyTorch's idiom, ``padding=k // 2``, pads
+both sides alike. That is Keras' padding for every stride-1 convolution, but not for a 3x3
+convolution with stride 2 on an even size: Keras pads one row and one column, at the bottom and
+right, so output pixel ``i`` reads input rows ``2i..2i+2``; the idiom reads ``2i-1..2i+1``. The
+default reference therefore computes a slightly different function from the Keras net (same
+parameters, windows shifted by one pixel in ResNet v1's two downsampling convolutions). The
+``same`` reference computes the Keras function and pays for the padded copy, as the Keras model
+does. ResNet v2's and DenseNet-BC's strided convolutions are 1x1, so there the two agree.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
 
 
-def conv(cin: int, cout: int, kernel: int, stride: int = 1) -> nn.Conv2d:
-    # Keras "same" padding; biased, as the book's layers are
+class KerasSamePad(nn.Module):
+    """Zero padding as Keras' ``padding="same"`` computes it for one size: the odd pixel of an
+    uneven total goes at the bottom and right."""
+
+    def __init__(self, kernel: int, stride: int):
+        super().__init__()
+        self.kernel, self.stride = kernel, stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pads = []
+        for size in (x.shape[3], x.shape[2]):  # F.pad takes the last dimension first
+            total = max((math.ceil(size / self.stride) - 1) * self.stride + self.kernel - size, 0)
+            pads += [total // 2, total - total // 2]
+        return nn.functional.pad(x, pads) if any(pads) else x
+
+
+def conv(cin: int, cout: int, kernel: int, stride: int = 1, same: bool = False) -> nn.Module:
+    # biased, as the book's layers are; PyTorch's symmetric padding unless ``same``
+    if same and stride > 1 and kernel > 1:
+        return nn.Sequential(KerasSamePad(kernel, stride),
+                             nn.Conv2d(cin, cout, kernel, stride=stride, bias=True))
     return nn.Conv2d(cin, cout, kernel, stride=stride, padding=kernel // 2, bias=True)
 
 
 class BasicUnit(nn.Module):
     """ResNet v1: conv3x3-BN-ReLU-conv3x3-BN plus shortcut (1x1 projection when shape changes)."""
 
-    def __init__(self, cin: int, cout: int, stride: int, inplace: bool = False):
+    def __init__(self, cin: int, cout: int, stride: int, inplace: bool = False,
+                 same: bool = False):
         super().__init__()
         self.inplace = inplace
-        self.conv1, self.bn1 = conv(cin, cout, 3, stride), nn.BatchNorm2d(cout)
+        self.conv1, self.bn1 = conv(cin, cout, 3, stride, same), nn.BatchNorm2d(cout)
         self.conv2, self.bn2 = conv(cout, cout, 3), nn.BatchNorm2d(cout)
         self.shortcut = conv(cin, cout, 1, stride) if stride != 1 or cin != cout else None
 
@@ -40,7 +71,8 @@ class BasicUnit(nn.Module):
 
 
 class ResNetV1(nn.Module):
-    def __init__(self, depth: int, num_classes: int = 10, inplace: bool = False):
+    def __init__(self, depth: int, num_classes: int = 10, inplace: bool = False,
+                 same: bool = False):
         super().__init__()
         units = (depth - 2) // 6
         self.stem = nn.Sequential(conv(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(inplace))
@@ -48,7 +80,7 @@ class ResNetV1(nn.Module):
         for index, cout in enumerate((16, 32, 64)):
             for unit in range(units):
                 stride = 2 if index > 0 and unit == 0 else 1
-                layers.append(BasicUnit(cin, cout, stride, inplace))
+                layers.append(BasicUnit(cin, cout, stride, inplace, same))
                 cin = cout
         self.body = nn.Sequential(*layers)
         self.head = nn.Linear(64, num_classes)
@@ -62,7 +94,7 @@ class PreactBottleneck(nn.Module):
     """ResNet v2: [BN-ReLU]-conv1x1-BN-ReLU-conv3x3-BN-ReLU-conv1x1 plus shortcut, no final ReLU."""
 
     def __init__(self, cin: int, inner: int, cout: int, stride: int, preact: bool,
-                 inplace: bool = False):
+                 inplace: bool = False, same: bool = False):
         super().__init__()
         self.inplace = inplace
         self.pre = (nn.Sequential(nn.BatchNorm2d(cin), nn.ReLU(inplace)) if preact
@@ -73,6 +105,7 @@ class PreactBottleneck(nn.Module):
             conv(inner, cout, 1),
         )
         self.shortcut = conv(cin, cout, 1, stride) if stride != 1 or cin != cout else None
+        del same  # its strided convolutions are 1x1: no padding either way
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # the shortcut takes the unit's raw input, as the book's resnet_v2 does
@@ -82,7 +115,8 @@ class PreactBottleneck(nn.Module):
 
 
 class ResNetV2(nn.Module):
-    def __init__(self, depth: int, num_classes: int = 10, inplace: bool = False):
+    def __init__(self, depth: int, num_classes: int = 10, inplace: bool = False,
+                 same: bool = False):
         super().__init__()
         units = (depth - 2) // 9
         self.stem = nn.Sequential(conv(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(inplace))
@@ -93,7 +127,7 @@ class ResNetV2(nn.Module):
                 stride = 2 if index > 0 and unit == 0 else 1
                 layers.append(PreactBottleneck(cin, inner, cout, stride,
                                                preact=not (index == 0 and unit == 0),
-                                               inplace=inplace))
+                                               inplace=inplace, same=same))
                 cin = cout
         self.body = nn.Sequential(*layers)
         self.head_bn = nn.BatchNorm2d(256)
@@ -122,9 +156,10 @@ class DenseNetBC(nn.Module):
     """The book's DenseNet-BC: stem concatenated with the image, BN-conv1x1-pool transitions."""
 
     def __init__(self, depth: int = 100, growth: int = 12, num_classes: int = 10,
-                 inplace: bool = False):
+                 inplace: bool = False, same: bool = False):
         super().__init__()
         layers = (depth - 4) // 6
+        del same  # no strided convolution but 1x1 ones: no padding either way
         self.stem = nn.Sequential(nn.BatchNorm2d(3), nn.ReLU(inplace), conv(3, 2 * growth, 3))
         blocks, cin, grown = [], 3 + 2 * growth, 2 * growth
         for block in range(3):
@@ -143,12 +178,18 @@ class DenseNetBC(nn.Module):
         return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
 
 
+# name -> constructor(classes, inplace, same)
 REFERENCES = {
-    "resnet20_v1": lambda classes, inplace=False: ResNetV1(20, classes, inplace),
-    "resnet56_v1": lambda classes, inplace=False: ResNetV1(56, classes, inplace),
-    "resnet110_v2": lambda classes, inplace=False: ResNetV2(110, classes, inplace),
-    "densenet_bc_100_k12": lambda classes, inplace=False: DenseNetBC(100, 12, classes, inplace),
+    "resnet20_v1": lambda *args: ResNetV1(20, *args),
+    "resnet56_v1": lambda *args: ResNetV1(56, *args),
+    "resnet110_v2": lambda *args: ResNetV2(110, *args),
+    "densenet_bc_100_k12": lambda *args: DenseNetBC(100, 12, *args),
 }
+
+
+def build(net: str, classes: int, inplace: bool = False, same: bool = False) -> nn.Module:
+    """The reference for ``net``; ``same`` pads every convolution as Keras' "same" does."""
+    return REFERENCES[net](classes, inplace, same)
 
 
 def parameter_count(model: nn.Module) -> int:

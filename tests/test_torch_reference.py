@@ -1,0 +1,71 @@
+"""benchmarks/torch_reference.py: the PyTorch reference of ResNet20 v1, given the Keras net's
+weights, computes the Keras net's function when it pads as Keras' "same" does, and a function
+that differs where PyTorch's symmetric padding shifts the strided windows. Runs under Keras'
+torch backend in a subprocess; needs torch (``pip install -e .[benchmark]``)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.test_torch_kernels import _under_torch
+
+COMPARE = r"""
+import json
+import numpy as np, torch, keras
+from benchmarks.torch_reference import build, parameter_count
+from nets.registry import create_model
+
+keras.utils.set_random_seed(0)
+net = create_model("resnet20_v1", input_shape=(32, 32, 3), num_classes=10)
+x = np.random.default_rng(0).standard_normal((4, 32, 32, 3)).astype("float32")
+
+convs = [layer for layer in net.layers if isinstance(layer, keras.layers.Conv2D)]
+norms = [layer for layer in net.layers if isinstance(layer, keras.layers.BatchNormalization)]
+rng = np.random.default_rng(1)
+for layer in norms:  # statistics far from the initial ones, so every layer counts
+    gamma, beta, mean, variance = layer.get_weights()
+    layer.set_weights([rng.uniform(0.5, 1.5, gamma.shape).astype("float32"),
+                       rng.uniform(-0.5, 0.5, beta.shape).astype("float32"),
+                       rng.uniform(-0.5, 0.5, mean.shape).astype("float32"),
+                       rng.uniform(0.5, 1.5, variance.shape).astype("float32")])
+expected = keras.ops.convert_to_numpy(net(x, training=False))
+dense = next(layer for layer in net.layers if isinstance(layer, keras.layers.Dense))
+
+outputs = {}
+for same in (True, False):
+    reference = build("resnet20_v1", 10, same=same).eval()
+    assert parameter_count(reference) == sum(int(np.prod(w.shape)) for w in net.trainable_weights)
+    torch_convs = [m for m in reference.modules() if isinstance(m, torch.nn.Conv2d)]
+    torch_norms = [m for m in reference.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(torch_convs) == len(convs) and len(torch_norms) == len(norms)
+    with torch.no_grad():
+        for layer, module in zip(convs, torch_convs):
+            kernel, bias = layer.get_weights()
+            weight = torch.from_numpy(kernel).permute(3, 2, 0, 1)  # HWIO -> OIHW
+            assert weight.shape == module.weight.shape, (layer.name, module)
+            module.weight.copy_(weight)
+            module.bias.copy_(torch.from_numpy(bias))
+        for layer, module in zip(norms, torch_norms):
+            gamma, beta, mean, variance = (torch.from_numpy(w) for w in layer.get_weights())
+            module.weight.copy_(gamma); module.bias.copy_(beta)
+            module.running_mean.copy_(mean); module.running_var.copy_(variance)
+            module.eps = layer.epsilon
+        kernel, bias = dense.get_weights()
+        reference.head.weight.copy_(torch.from_numpy(kernel).T)
+        reference.head.bias.copy_(torch.from_numpy(bias))
+        logits = reference(torch.from_numpy(x).permute(0, 3, 1, 2))
+    outputs[str(same)] = torch.softmax(logits, dim=1).numpy()
+print("RESULTS " + json.dumps({
+    "same": float(np.abs(outputs["True"] - expected).max()),
+    "symmetric": float(np.abs(outputs["False"] - expected).max()),
+}))
+"""
+
+
+def test_keras_same_reference_computes_the_keras_net_and_the_default_does_not() -> None:
+    pytest.importorskip("torch", reason="install the benchmark extra (torch)")
+    differences = _under_torch(COMPARE)
+    # float32 rounding in a 20-layer net: well under 1e-4 on probabilities
+    assert differences["same"] < 1e-4, differences
+    # the default's strided windows are shifted by a pixel: a different function
+    assert differences["symmetric"] > 1e-3, differences
