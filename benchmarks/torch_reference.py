@@ -15,7 +15,7 @@ right, so output pixel ``i`` reads input rows ``2i..2i+2``; the idiom reads ``2i
 default reference therefore computes a slightly different function from the Keras net (same
 parameters, windows shifted by one pixel in ResNet v1's two downsampling convolutions). The
 ``same`` reference computes the Keras function and pays for the padded copy, as the Keras model
-does. ResNet v2's and DenseNet-BC's strided convolutions are 1x1, so there the two agree.
+does. ResNet v2's strided convolutions are 1x1 and DenseNet-BC has none, so there the two agree.
 """
 
 from __future__ import annotations
@@ -59,7 +59,8 @@ class BasicUnit(nn.Module):
         self.inplace = inplace
         self.conv1, self.bn1 = conv(cin, cout, 3, stride, same), nn.BatchNorm2d(cout)
         self.conv2, self.bn2 = conv(cout, cout, 3), nn.BatchNorm2d(cout)
-        self.shortcut = conv(cin, cout, 1, stride) if stride != 1 or cin != cout else None
+        self.shortcut = (conv(cin, cout, 1, stride, same) if stride != 1 or cin != cout
+                         else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         relu = torch.relu_ if self.inplace else torch.relu
@@ -100,12 +101,12 @@ class PreactBottleneck(nn.Module):
         self.pre = (nn.Sequential(nn.BatchNorm2d(cin), nn.ReLU(inplace)) if preact
                     else nn.Identity())
         self.body = nn.Sequential(
-            conv(cin, inner, 1, stride), nn.BatchNorm2d(inner), nn.ReLU(inplace),
+            conv(cin, inner, 1, stride, same), nn.BatchNorm2d(inner), nn.ReLU(inplace),
             conv(inner, inner, 3), nn.BatchNorm2d(inner), nn.ReLU(inplace),
             conv(inner, cout, 1),
         )
-        self.shortcut = conv(cin, cout, 1, stride) if stride != 1 or cin != cout else None
-        del same  # its strided convolutions are 1x1: no padding either way
+        self.shortcut = (conv(cin, cout, 1, stride, same) if stride != 1 or cin != cout
+                         else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # the shortcut takes the unit's raw input, as the book's resnet_v2 does
@@ -156,10 +157,9 @@ class DenseNetBC(nn.Module):
     """The book's DenseNet-BC: stem concatenated with the image, BN-conv1x1-pool transitions."""
 
     def __init__(self, depth: int = 100, growth: int = 12, num_classes: int = 10,
-                 inplace: bool = False, same: bool = False):
+                 inplace: bool = False):
         super().__init__()
         layers = (depth - 4) // 6
-        del same  # no strided convolution but 1x1 ones: no padding either way
         self.stem = nn.Sequential(nn.BatchNorm2d(3), nn.ReLU(inplace), conv(3, 2 * growth, 3))
         blocks, cin, grown = [], 3 + 2 * growth, 2 * growth
         for block in range(3):
@@ -183,7 +183,8 @@ REFERENCES = {
     "resnet20_v1": lambda *args: ResNetV1(20, *args),
     "resnet56_v1": lambda *args: ResNetV1(56, *args),
     "resnet110_v2": lambda *args: ResNetV2(110, *args),
-    "densenet_bc_100_k12": lambda *args: DenseNetBC(100, 12, *args),
+    # no strided convolutions (pooling halves the size): Keras' padding is PyTorch's there
+    "densenet_bc_100_k12": lambda classes, inplace, same: DenseNetBC(100, 12, classes, inplace),
 }
 
 
