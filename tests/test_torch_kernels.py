@@ -47,12 +47,25 @@ def layouts():  # whether each layer's training output is NHWC in memory (channe
         found.append(bool(h.is_contiguous()))
     return found
 
+def nodes(tensor):  # the autograd graph's node names, by count
+    seen, found, todo = set(), {}, [tensor.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        found[type(node).__name__] = found.get(type(node).__name__, 0) + 1
+        todo.extend(next_node for next_node, _ in node.next_functions)
+    return found
+
 def run():
     model = make()
     out = model(x, training=True)
+    graph = nodes(out)
     (out ** 2).sum().backward()
     inference = model(x, training=False)
     return {"out": out.detach().tolist(), "inference": inference.detach().tolist(),
+            "convolutions": {name: count for name, count in graph.items() if "Conv" in name},
             "grads": [w.value.grad.tolist() for w in model.trainable_weights],
             "stats": [w.numpy().tolist() for w in model.non_trainable_weights]}
 
@@ -458,6 +471,10 @@ def test_fused_layers_compute_what_keras_computes() -> None:
     assert len(fused["stats"]) == len(keras_own["stats"]) == 6
     for mine, theirs in zip(fused["stats"], keras_own["stats"], strict=True):
         np.testing.assert_allclose(mine, theirs, rtol=1e-5, atol=1e-6)
+    # the four biased convolutions take their bias gradient as a sum (BiasedConv), the one
+    # without a bias is torch's own; Keras' path has five of torch's
+    assert fused["convolutions"] == {"BiasedConvBackward": 4, "ConvolutionBackward0": 1}
+    assert keras_own["convolutions"] == {"ConvolutionBackward0": 5}
     # every conv and batch norm output stays in channels-last memory, whatever the input's
     # strides: torch's NCHW kernels are the slow ones on CPU
     assert results["layouts"] == [True] * 8
