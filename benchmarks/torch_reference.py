@@ -16,6 +16,12 @@ default reference therefore computes a slightly different function from the Kera
 parameters, windows shifted by one pixel in ResNet v1's two downsampling convolutions). The
 ``same`` reference computes the Keras function and pays for the padded copy, as the Keras model
 does. ResNet v2's strided convolutions are 1x1 and DenseNet-BC has none, so there the two agree.
+
+:func:`sum_bias_gradients` gives a built net the bias gradient our training path computes on a
+CPU (``tasks.torch_kernels.BiasedConv``): the output gradient's sum, where torch's convolution
+backward has oneDNN reduce it along with the kernel's gradient. It is not a PyTorch option but a
+hand-written autograd function, written again here (the reference imports nothing of ours) to
+show what the same trick is worth to a PyTorch user.
 """
 
 from __future__ import annotations
@@ -40,6 +46,47 @@ class KerasSamePad(nn.Module):
             total = max((math.ceil(size / self.stride) - 1) * self.stride + self.kernel - size, 0)
             pads += [total // 2, total - total // 2]
         return nn.functional.pad(x, pads) if any(pads) else x
+
+
+class _BiasBySum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups):
+        ctx.save_for_backward(x, weight)
+        ctx.geometry = (stride, padding, dilation, groups)
+        return nn.functional.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.geometry
+        wants = ctx.needs_input_grad[:3]
+        grad_x = grad_weight = None
+        if wants[0] or wants[1]:
+            grad_x, grad_weight, _ = torch.ops.aten.convolution_backward(
+                grad, x, weight, None, stride, padding, dilation, False, (0, 0), groups,
+                (wants[0], wants[1], False))
+        grad_bias = grad.sum((0, 2, 3)) if wants[2] else None
+        return grad_x, grad_weight, grad_bias, None, None, None, None
+
+
+class BiasSumConv2d(nn.Conv2d):
+    """``nn.Conv2d`` whose bias gradient, on a CPU, is the sum of the output gradient."""
+
+    def _conv_forward(self, x, weight, bias):
+        if (bias is None or self.padding_mode != "zeros" or x.device.type != "cpu"
+                or not torch.is_grad_enabled()):
+            return super()._conv_forward(x, weight, bias)
+        return _BiasBySum.apply(x, weight, bias, self.stride, self.padding, self.dilation,
+                                self.groups)
+
+
+def sum_bias_gradients(model: nn.Module) -> nn.Module:
+    """``model`` with every ``nn.Conv2d`` a :class:`BiasSumConv2d` (same parameters)."""
+    for module in model.modules():
+        if type(module) is nn.Conv2d:
+            module.__class__ = BiasSumConv2d
+    return model
 
 
 def conv(cin: int, cout: int, kernel: int, stride: int = 1, same: bool = False) -> nn.Module:

@@ -69,3 +69,42 @@ def test_keras_same_reference_computes_the_keras_net_and_the_default_does_not() 
     assert differences["same"] < 1e-4, differences
     # the default's strided windows are shifted by a pixel: a different function
     assert differences["symmetric"] > 1e-3, differences
+
+
+BIAS_SUM = r"""
+import json
+import torch
+from torch import nn
+from benchmarks.torch_reference import build, sum_bias_gradients
+
+x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+gradients = {}
+for hand_written in (False, True):
+    torch.manual_seed(0)
+    # no batch norm after the convolutions: every bias has a gradient of its own
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(8, 6, 3, stride=2, padding=1), nn.ReLU(),
+                          nn.Conv2d(6, 4, 1, groups=2))
+    if hand_written:
+        sum_bias_gradients(model)
+    x.grad = None
+    model(x).square().sum().backward()
+    gradients[str(hand_written)] = [p.grad for p in model.parameters()] + [x.grad]
+worst = max(float((a - b).abs().max() / b.abs().max())
+            for a, b in zip(gradients["True"], gradients["False"], strict=True))
+reference = build("resnet20_v1", 10)
+kinds = {type(m).__name__ for m in sum_bias_gradients(reference).modules()
+         if isinstance(m, nn.Conv2d)}
+print("RESULTS " + json.dumps({"kinds": sorted(kinds), "worst": worst,
+                               "count": len(gradients["True"])}))
+"""
+
+
+def test_bias_sum_reference_has_the_gradients_of_torch_own_convolutions() -> None:
+    pytest.importorskip("torch", reason="install the benchmark extra (torch)")
+    results = _under_torch(BIAS_SUM)
+    assert results["kinds"] == ["BiasSumConv2d"]  # every convolution of a built net
+    assert results["count"] == 7  # three kernels, three biases and the input
+    # the same gradients, up to the order in which float32 sums are taken
+    assert results["worst"] < 1e-5, results
