@@ -66,7 +66,13 @@ class _BiasBySum(torch.autograd.Function):
             grad_x, grad_weight, _ = torch.ops.aten.convolution_backward(
                 grad, x, weight, None, stride, padding, dilation, False, (0, 0), groups,
                 (wants[0], wants[1], False))
-        grad_bias = grad.sum((0, 2, 3)) if wants[2] else None
+        grad_bias = None
+        if wants[2]:  # per image first: faster than torch's (0, 2, 3) sum of channels-last
+            if grad.is_contiguous(memory_format=torch.channels_last):
+                grad_bias = grad.permute(0, 2, 3, 1).reshape(grad.shape[0], -1,
+                                                             grad.shape[1]).sum(1).sum(0)
+            else:
+                grad_bias = grad.sum((0, 2, 3))
         return grad_x, grad_weight, grad_bias, None, None, None, None
 
 

@@ -202,8 +202,18 @@ def install() -> bool:
                     grad, x, kernel, None, stride, padding, dilation, False, (0, 0), groups,
                     (wants_x, wants_kernel, False))
             if wants_bias:
-                grad_bias = grad.sum((0, 2, 3))
+                grad_bias = channel_sums(grad)
             return grad_x, grad_kernel, grad_bias, None, None, None, None
+
+    def channel_sums(grad):
+        """``grad.sum((0, 2, 3))``. Of a channels-last tensor, as the sum over each image's
+        pixels and then over the batch: torch reduces the (0, 2, 3) dimensions of that layout
+        with the channels alone as its inner loop, 2.5 times slower at 16 channels (0.76
+        against 0.31 ms for a 128 x 16 x 32 x 32 gradient; docs/benchmarks.md)."""
+        if grad.dim() == 4 and grad.is_contiguous(memory_format=torch.channels_last):
+            n, c = grad.shape[:2]
+            return grad.permute(0, 2, 3, 1).reshape(n, -1, c).sum(1).sum(0)
+        return grad.sum((0, 2, 3))
 
     def conv2d_nchw(x, kernel, bias, strides, padding, dilation_rate):
         """A 2-D convolution of ``x``, an NCHW view in channels-last memory, by a Keras HWIO
