@@ -80,8 +80,9 @@ class BiasSumConv2d(nn.Conv2d):
     """``nn.Conv2d`` whose bias gradient, on a CPU, is the sum of the output gradient."""
 
     def _conv_forward(self, x, weight, bias):
+        # under autocast the convolution would run in another dtype than the saved tensors
         if (bias is None or self.padding_mode != "zeros" or x.device.type != "cpu"
-                or not torch.is_grad_enabled()):
+                or not torch.is_grad_enabled() or torch.is_autocast_enabled("cpu")):
             return super()._conv_forward(x, weight, bias)
         return _BiasBySum.apply(x, weight, bias, self.stride, self.padding, self.dilation,
                                 self.groups)

@@ -212,7 +212,11 @@ def install() -> bool:
         against 0.31 ms for a 128 x 16 x 32 x 32 gradient; docs/benchmarks.md)."""
         if grad.dim() == 4 and grad.is_contiguous(memory_format=torch.channels_last):
             n, c = grad.shape[:2]
-            return grad.permute(0, 2, 3, 1).reshape(n, -1, c).sum(1).sum(0)
+            # per-image sums of a bfloat16 or float16 gradient stay float32, so that the
+            # result is rounded once, as torch's own sum rounds it
+            wide = torch.float32 if grad.dtype in (torch.bfloat16, torch.float16) else grad.dtype
+            per_image = grad.permute(0, 2, 3, 1).reshape(n, -1, c).sum(1, dtype=wide)
+            return per_image.sum(0).to(grad.dtype)
         return grad.sum((0, 2, 3))
 
     def conv2d_nchw(x, kernel, bias, strides, padding, dilation_rate):
@@ -229,8 +233,10 @@ def install() -> bool:
             x = pad(x, left, right, top, bottom)
             top = left = 0
         groups = x.shape[1] // kernel.shape[1]
+        # (under torch.autocast the forward would run in another dtype than it saves; Keras'
+        # mixed precision casts the tensors instead, and takes this path)
         if (bias is not None and bias.requires_grad and x.device.type == "cpu"
-                and torch.is_grad_enabled()):
+                and torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")):
             return BiasedConv.apply(x, kernel, bias, tuple(strides), (top, left),
                                     tuple(dilation_rate), groups)
         return torch.nn.functional.conv2d(x, kernel, bias, stride=strides, padding=(top, left),

@@ -625,3 +625,41 @@ def test_strided_padding_reuses_its_buffer_and_computes_what_keras_computes() ->
     assert len(set(steps)) == 1
     assert first in steps and second != first
 
+
+
+BFLOAT16 = r"""
+import json
+import numpy as np, keras, torch
+from tasks import torch_kernels
+
+def run():
+    keras.utils.set_random_seed(0)
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(4, 3, padding="same")(inputs)
+    x = keras.layers.Conv2D(4, 3, strides=2, padding="same")(x)
+    model = keras.Model(inputs, keras.layers.Flatten()(x))
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal((2, 8, 8, 3)).astype("float32"))
+    out = model(x, training=True)
+    out.float().square().sum().backward()
+    node = out.grad_fn
+    while node is not None and "Conv" not in type(node).__name__:
+        node = node.next_functions[0][0]
+    return {"out": out.float().tolist(), "last_conv": type(node).__name__,
+            "grads": [w.value.grad.float().tolist() for w in model.trainable_weights]}
+
+keras_own = run()
+torch_kernels.install()
+print("RESULTS " + json.dumps({"keras": keras_own, "fused": run()}))
+"""
+
+
+def test_bfloat16_bias_gradients_are_rounded_once_as_keras_rounds_them() -> None:
+    # under mixed_bfloat16 the bias gradient is a bfloat16 sum: the per-image sums stay
+    # float32, so that it is rounded once. Rounded per image as well, one of this net's biases
+    # came out one bfloat16 step (0.03125) away from Keras' own
+    results = _under_torch(BFLOAT16)
+    assert results["keras"]["last_conv"] == "ConvolutionBackward0"
+    assert results["fused"]["last_conv"] == "BiasedConvBackward"
+    assert results["fused"]["out"] == results["keras"]["out"]
+    assert results["fused"]["grads"] == results["keras"]["grads"]
