@@ -285,6 +285,13 @@ def counted(config: str) -> bool:
     return "bias-sum" not in config.split("+")
 
 
+def candidates(configs) -> list:
+    """The configurations the best reference is chosen from: PyTorch's own (:func:`counted`),
+    or all of them where none is."""
+    configs = list(configs)
+    return [c for c in configs if counted(c)] or configs
+
+
 def summarise_interleaved(result: dict, batch: int, seed: int = 0) -> dict:
     """Images/s from each side's median step, the ratio of ours to the reference's best, and
     a 95% bootstrap interval of that ratio over the paired steps."""
@@ -292,8 +299,7 @@ def summarise_interleaved(result: dict, batch: int, seed: int = 0) -> dict:
 
     times = {side: np.asarray(t) for side, t in result["times"].items()}
     medians = {side: float(np.median(t)) for side, t in times.items()}
-    candidates = [side for side in times if side != "ours" and counted(side)]
-    best = min(candidates or [side for side in times if side != "ours"], key=medians.get)
+    best = min(candidates(side for side in times if side != "ours"), key=medians.get)
     ratio = medians[best] / medians["ours"]
     rng = np.random.default_rng(seed)
     picks = rng.integers(0, len(times["ours"]), (2000, len(times["ours"])))
@@ -415,12 +421,13 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --interleaved needs KERAS_BACKEND=torch and --device cpu: both sides "
               "share one process and its torch", file=sys.stderr)
         return 2
+    found = versions()
     print(f"{time.strftime('%Y-%m-%d')}  {platform.machine()}, {os.cpu_count()} CPUs, "
           f"device {args.device}, Keras backend {backend}, batch {args.batch}, "
-          f"{images_per_epoch(args)} images per timed epoch; {versions()}", flush=True)
+          f"{images_per_epoch(args)} images per timed epoch; {found}", flush=True)
     report = {"date": time.strftime("%Y-%m-%d"), "device": args.device, "backend": backend,
               "batch": args.batch, "images_per_epoch": images_per_epoch(args),
-              "versions": versions(), "nets": {}}
+              "versions": found, "nets": {}}
     if args.interleaved:
         return interleaved(args, torch_configs, report)
     failed = False
@@ -447,7 +454,8 @@ def main(argv: list[str] | None = None) -> int:
             failed = True
         ours = {k: v for k, v in results.items() if k.startswith("keras:")}
         theirs = {k: v for k, v in results.items() if k.startswith("torch:")}
-        theirs = {k: v for k, v in theirs.items() if counted(k[len("torch:"):])} or theirs
+        chosen = candidates(k.removeprefix("torch:") for k in theirs)
+        theirs = {f"torch:{c}": theirs[f"torch:{c}"] for c in chosen}
         summary = {"results": results}
         if ours and theirs:
             best_ours = max(ours, key=lambda k: ours[k]["images_per_s"])

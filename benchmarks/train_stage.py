@@ -148,9 +148,10 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.throughput import versions
 
     backend = os.environ.get("KERAS_BACKEND", "tensorflow")
+    found = versions()
     print(f"{time.strftime('%Y-%m-%d')}  {args.net}, device {args.device}, Keras backend "
           f"{backend}, recipe {args.recipe}, batch {args.batch}, {args.images} training and "
-          f"{args.val} validation images per epoch; {versions()}", flush=True)
+          f"{args.val} validation images per epoch; {found}", flush=True)
     results, failed = {}, False
     for config in configs:
         got = measure(config, args)
@@ -164,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{got['resolved']}", flush=True)
     report = {"date": time.strftime("%Y-%m-%d"), "net": args.net, "device": args.device,
               "backend": backend, "recipe": args.recipe, "batch": args.batch,
-              "images": args.images, "val": args.val, "versions": versions(),
+              "images": args.images, "val": args.val, "versions": found,
               "results": results}
     if "bare" in results:
         for config, got in results.items():
