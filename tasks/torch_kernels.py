@@ -19,7 +19,12 @@ quarter slower than the same net written directly in PyTorch (docs/benchmarks.md
   that layout, which cost about a tenth of ResNet20 v1's step. Every other case goes to
   Keras' own code. In training on a CPU the bias gradient is the sum of the output gradient
   (``BiasedConv``): torch's backward has oneDNN compute it with the kernel's gradient, which
-  for ResNet20 v1's 16-channel layers took a third of their backward pass.
+  for ResNet20 v1's 16-channel layers took a third of their backward pass. Where a batch norm
+  in training is the only reader of a convolution's output (in ResNet v1, every convolution
+  but the shortcut projections), the bias is left out: the batch norm subtracts the batch
+  mean, bias included, so its output is the same, its moving mean takes the bias back, and the
+  bias gets its exact gradient, zero (Keras sums rounding noise there). That skips the bias
+  gradient's pass and lets torch's convolution backward run without a Python node.
 - ``BatchNormalization.call`` in training: ``torch.native_batch_norm`` on the same view, one
   kernel forward and one backward. The moving averages are updated by Keras' own formula from
   the batch mean and the biased variance the kernel returns, so they match Keras exactly.
@@ -253,12 +258,23 @@ def install() -> bool:
                         padding, standardize(dilation_rate, 2, "dilation_rate"))
         return y.permute(0, 2, 3, 1)
 
-    def batch_norm_nchw(layer, x, gamma, beta, moving=None):
+    def batch_norm_nchw(layer, x, gamma, beta, moving=None, shift=None):
         """Training-mode batch norm of an NCHW ``x`` in torch's one kernel; the moving averages
         follow Keras' formula with the batch's biased variance, now or, given ``moving``
-        (a :class:`MovingAverages`), when it is flushed."""
+        (a :class:`MovingAverages`), when it is flushed.
+
+        ``shift``, a convolution's bias that was left out of ``x``, is what the batch norm of
+        ``x + shift`` computes: the same output, since the batch mean takes the bias with it;
+        a batch mean larger by ``shift`` for the moving average; and a gradient of exactly
+        zero for the bias, whose sum Keras computes as rounding noise (the batch norm's input
+        gradient sums to zero over each channel). That saves the bias gradient's pass over
+        the convolution's output gradient, and lets torch's own convolution backward run."""
+        if shift is not None:  # in the graph, with a gradient of zero
+            beta = shift.mul(0.0) if beta is None else torch.add(beta, shift, alpha=0.0)
         y, mean, inverse_std = torch.native_batch_norm(
             x, gamma, beta, None, None, True, 0.0, layer.epsilon)
+        if shift is not None:
+            mean = mean + shift.detach()
         if moving is not None:
             moving.add(layer, mean, inverse_std)
             return y
@@ -411,7 +427,7 @@ def _install_direct_calls(keras, torch, compiling, keras_conv_op, conv2d_nchw,
         """One call's tensors, each in Keras' NHWC, in torch's NCHW (channels-last memory), or
         both; a form is made from the other when a layer first asks for it."""
 
-        __slots__ = ("nhwc_", "nchw_", "moving", "spare", "fresh")
+        __slots__ = ("nhwc_", "nchw_", "moving", "spare", "fresh", "shifts", "absorb")
 
         def __init__(self):
             self.nhwc_, self.nchw_ = {}, {}
@@ -420,16 +436,31 @@ def _install_direct_calls(keras, torch, compiling, keras_conv_op, conv2d_nchw,
             # backward does not read its output, and read by no other layer
             self.spare = set()
             self.fresh = False  # set by a handler whose output may be overwritten later
+            # convolution outputs made without their bias, which a batch norm in training
+            # cancels (:func:`batch_norm`): key -> the bias, added here for any other reader
+            self.shifts = {}
+            self.absorb = None  # the running convolution's output key, where it may do that
 
         def overwritable(self, key, tensor) -> bool:
             return key in self.spare and tensor._base is None
 
+        def settle(self, key):
+            """Add a convolution's bias that was left out, for a reader that needs it."""
+            bias = self.shifts.pop(key, None)
+            if bias is not None:
+                self.nchw_[key] = self.nchw_[key] + bias.view(1, -1, 1, 1)
+                self.nhwc_.pop(key, None)
+
         def either(self, key):
             """(tensor, is it NCHW?) in whichever form there is: for element-wise layers."""
+            if self.shifts:
+                self.settle(key)
             tensor = self.nchw_.get(key)
             return (tensor, True) if tensor is not None else (self.nhwc_[key], False)
 
         def nhwc(self, key):
+            if self.shifts:
+                self.settle(key)
             tensor = self.nhwc_.get(key)
             if tensor is None:
                 tensor = self.nhwc_[key] = self.nchw_[key].permute(0, 2, 3, 1)
@@ -437,6 +468,8 @@ def _install_direct_calls(keras, torch, compiling, keras_conv_op, conv2d_nchw,
 
         def nchw(self, key):
             """The NCHW form of a 4-D tensor, None for any other rank."""
+            if self.shifts:
+                self.settle(key)
             tensor = self.nchw_.get(key)
             if tensor is None:
                 tensor = self.nhwc_[key]
@@ -457,13 +490,21 @@ def _install_direct_calls(keras, torch, compiling, keras_conv_op, conv2d_nchw,
         x = frame.nchw(keys[0])
         if x is None:
             return None
-        y = conv2d_nchw(x, value_of(layer.kernel),
-                        value_of(layer.bias) if layer.use_bias else None,
-                        layer.strides, layer.padding, layer.dilation_rate)
+        bias = value_of(layer.bias) if layer.use_bias else None
+        if bias is not None and frame.absorb is not None and training and activation is linear:
+            # read by a batch norm alone: in training it subtracts the batch mean, bias and
+            # all, so the bias is left out here and given to the batch norm (batch_norm_nchw)
+            frame.shifts[frame.absorb] = bias
+            bias = None
+        y = conv2d_nchw(x, value_of(layer.kernel), bias, layer.strides, layer.padding,
+                        layer.dilation_rate)
         frame.fresh = activation is linear  # a ReLU's backward reads its output
         return (torch.relu_(y) if activation is relu_function else y), True
 
     def batch_norm(layer, frame, keys, training):
+        shift = None
+        if frame.shifts and training and layer.trainable:
+            shift = frame.shifts.pop(keys[0], None)  # a convolution's bias, left out
         x = frame.nchw(keys[0])
         if x is None:
             return None
@@ -471,7 +512,7 @@ def _install_direct_calls(keras, torch, compiling, keras_conv_op, conv2d_nchw,
         beta = value_of(layer.beta) if layer.center else None
         if training and layer.trainable:
             frame.fresh = True  # its backward reads its input and statistics only
-            return batch_norm_nchw(layer, x, gamma, beta, frame.moving), True
+            return batch_norm_nchw(layer, x, gamma, beta, frame.moving, shift), True
         if frame.moving.holds(layer):  # a shared layer, in training earlier in this call
             frame.moving.flush()
         # inference: Keras' torch batch_normalization, per channel of the NCHW view
@@ -701,8 +742,9 @@ def _install_direct_calls(keras, torch, compiling, keras_conv_op, conv2d_nchw,
 
     def make_plan(model):
         """[(layer, handler or None, takes training?, input keys, a list argument?, arguments,
-        output keys, keys read for the last time here, is the output read by one step only?)],
-        or None where the graph needs Keras' own walk."""
+        output keys, keys read for the last time here, is the output read by one step only?,
+        is that step a batch norm, to which this convolution may leave its bias?)], or None
+        where the graph needs Keras' own walk."""
         known = {id(x) for x in model.inputs}
         steps = []
         for depth in sorted(model._nodes_by_depth, reverse=True):
@@ -749,8 +791,11 @@ def _install_direct_calls(keras, torch, compiling, keras_conv_op, conv2d_nchw,
         # tensor for each costs memory traffic and, on a CPU, page faults
         readers = collections.Counter(key for step in steps for key in step[3])
         single = [readers[step[6][0]] == 1 and step[6][0] not in kept for step in steps]
-        return [(*step, drop, alone)
-                for step, drop, alone in zip(steps, drops, single, strict=True)]
+        # a convolution whose one reader is a batch norm may leave its bias to it (conv)
+        absorbs = [alone and step[1] is conv and steps[last_use[step[6][0]]][1] is batch_norm
+                   for step, alone in zip(steps, single, strict=True)]
+        return [(*step, drop, alone, absorb)
+                for step, drop, alone, absorb in zip(steps, drops, single, absorbs, strict=True)]
 
     def run(model, steps, inputs, training):
         frame = Frame()
@@ -758,7 +803,7 @@ def _install_direct_calls(keras, torch, compiling, keras_conv_op, conv2d_nchw,
             frame.nhwc_[id(x)] = y
         dropping = ()
         for (layer, handler, takes_training, keys, listed, arguments, outputs, drops,
-             single) in steps:
+             single, absorb) in steps:
             for key in dropping:  # read for the last time by the step before
                 frame.nhwc_.pop(key, None)
                 frame.nchw_.pop(key, None)
@@ -767,7 +812,12 @@ def _install_direct_calls(keras, torch, compiling, keras_conv_op, conv2d_nchw,
             # can be set after the plan was made
             if handler is not None and plain(layer) and inputs_fit(
                     frame, keys, handler is rescaling):
-                result = handler(layer, frame, keys, training)
+                if absorb:
+                    frame.absorb = outputs[0]
+                    result = handler(layer, frame, keys, training)
+                    frame.absorb = None
+                else:
+                    result = handler(layer, frame, keys, training)
                 if result is None:
                     tensors = [frame.nhwc(key) for key in keys]
                     argument = tensors if listed else tensors[0]

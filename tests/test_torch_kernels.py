@@ -25,11 +25,13 @@ from tasks import torch_kernels
 def make():
     keras.utils.set_random_seed(1)
     inputs = keras.Input((9, 10, 3))
-    x = keras.layers.Conv2D(8, 3, padding="same")(inputs)            # symmetric padding
+    # biases that are not zero, so that the moving means show where each one went
+    bias = {"bias_initializer": "random_normal"}
+    x = keras.layers.Conv2D(8, 3, padding="same", **bias)(inputs)     # symmetric padding
     x = keras.layers.BatchNormalization(momentum=0.9)(x)
-    x = keras.layers.Conv2D(6, 3, strides=2, padding="same")(x)      # asymmetric padding
+    x = keras.layers.Conv2D(6, 3, strides=2, padding="same", **bias)(x)  # asymmetric padding
     x = keras.layers.BatchNormalization(center=False, epsilon=1e-3)(x)
-    x = keras.layers.Conv2D(5, 1, strides=2, padding="valid", dilation_rate=1)(x)
+    x = keras.layers.Conv2D(5, 1, strides=2, padding="valid", dilation_rate=1, **bias)(x)
     x = keras.layers.BatchNormalization(scale=False)(x)
     x = keras.layers.Conv2D(4, 2, padding="valid", use_bias=False)(x)
     x = keras.layers.Conv2D(3, 1)(x)  # a bias with a gradient: no batch norm after it
@@ -67,6 +69,8 @@ def run():
     return {"out": out.detach().tolist(), "inference": inference.detach().tolist(),
             "convolutions": {name: count for name, count in graph.items() if "Conv" in name},
             "grads": [w.value.grad.tolist() for w in model.trainable_weights],
+            "zero_bias_grads": [bool((w.value.grad == 0).all())
+                                for w in model.trainable_weights if w.name == "bias"],
             "stats": [w.numpy().tolist() for w in model.non_trainable_weights]}
 
 keras_own = run()
@@ -211,7 +215,8 @@ class Overwrites(torch.overrides.TorchFunctionMode):  # the ReLUs and sums, in p
         self.found = collections.Counter()
     def __torch_function__(self, func, types, args=(), kwargs=None):
         name = getattr(func, "__name__", "")
-        if name in ("relu", "relu_", "add", "add_"):
+        # of activations only: not a Dense bias, nor a batch norm's per-channel vectors
+        if name in ("relu", "relu_", "add", "add_") and getattr(args[0], "ndim", 0) == 4:
             self.found[name] += 1
         return func(*args, **(kwargs or {}))
 
@@ -260,6 +265,8 @@ def run():
     return {"out": out.detach().tolist(), "inference": inference.detach().tolist(),
             "unflagged": unflagged.detach().tolist(), "losses": losses,
             "grads": [w.value.grad.tolist() for w in model.trainable_weights],
+            "zero_bias_grads": [bool((w.value.grad == 0).all())
+                                for w in model.trainable_weights if w.name == "bias"],
             "stats": [w.numpy().tolist() for w in model.non_trainable_weights],
             "train_calls": train_calls, "inference_calls": inference_calls,
             "chain_permutes": chain_permutes, "augmented": augmented.detach().tolist(),
@@ -373,6 +380,8 @@ def run():
         total.backward()
         out[name] = {"loss": total.item(), "dtype": str(total.dtype),
                      "grads": [w.value.grad.tolist() for w in model.trainable_weights],
+            "zero_bias_grads": [bool((w.value.grad == 0).all())
+                                for w in model.trainable_weights if w.name == "bias"],
                      "keras_loss_calls": len(calls)}
     return out
 
@@ -471,9 +480,13 @@ def test_fused_layers_compute_what_keras_computes() -> None:
     assert len(fused["stats"]) == len(keras_own["stats"]) == 6
     for mine, theirs in zip(fused["stats"], keras_own["stats"], strict=True):
         np.testing.assert_allclose(mine, theirs, rtol=1e-5, atol=1e-6)
-    # the four biased convolutions take their bias gradient as a sum (BiasedConv), the one
-    # without a bias is torch's own; Keras' path has five of torch's
-    assert fused["convolutions"] == {"BiasedConvBackward": 4, "ConvolutionBackward0": 1}
+    # a convolution read by a batch norm alone leaves its bias to it: torch's own convolution,
+    # and a bias gradient of exactly zero, where Keras sums rounding noise. The last biased
+    # one, with no batch norm after it, takes its bias gradient as a sum (BiasedConv), and
+    # the moving means above show that the other biases reached their batch norms
+    assert fused["convolutions"] == {"BiasedConvBackward": 1, "ConvolutionBackward0": 4}
+    assert fused["zero_bias_grads"] == [True, True, True, False]
+    assert keras_own["zero_bias_grads"][3] is False
     assert keras_own["convolutions"] == {"ConvolutionBackward0": 5}
     # every conv and batch norm output stays in channels-last memory, whatever the input's
     # strides: torch's NCHW kernels are the slow ones on CPU
@@ -521,11 +534,11 @@ def test_plain_layers_are_called_directly_and_compute_what_keras_computes() -> N
     assert direct["augmented"] == keras_own["augmented"]
     # a tensor that one layer alone reads, made by a batch norm, a convolution or an addition,
     # is overwritten by that layer: in a residual block both ReLUs run in place and the sum
-    # goes into the second batch norm's output. (The chain's one `add` is its Dense layer's
-    # bias, in Keras' code.) A tensor read twice, a ReLU's output (its backward reads it), a
-    # convolution's output with the ReLU inside, and a model output are not overwritten: three
-    # ReLUs and both sums make new tensors, and the outputs and gradients are Keras' own
-    assert direct["chain_ops"] == {"relu_": 2, "add_": 1, "add": 1}
+    # goes into the second batch norm's output. A tensor read twice, a ReLU's output (its
+    # backward reads it), a convolution's output with the ReLU inside, and a model output are
+    # not overwritten: three ReLUs and both sums make new tensors, and the outputs and
+    # gradients are Keras' own
+    assert direct["chain_ops"] == {"relu_": 2, "add_": 1}
     assert direct["read_ops"] == {"relu": 3, "relu_": 2, "add": 2}
     for mine, theirs in zip(direct["read_out"], keras_own["read_out"], strict=True):
         np.testing.assert_allclose(mine, theirs, rtol=1e-5, atol=1e-6)
@@ -663,3 +676,62 @@ def test_bfloat16_bias_gradients_are_rounded_once_as_keras_rounds_them() -> None
     assert results["fused"]["last_conv"] == "BiasedConvBackward"
     assert results["fused"]["out"] == results["keras"]["out"]
     assert results["fused"]["grads"] == results["keras"]["grads"]
+
+
+LEFT_OUT_BIAS = r"""
+import json
+import numpy as np, keras, torch
+from tasks import torch_kernels
+
+def make():
+    # three convolutions, each read by a batch norm alone: one in training, one frozen (it
+    # normalises by its moving statistics, which do not cancel the bias) and one with a torch
+    # hook (Keras' own call); only the first may leave its bias out
+    keras.utils.set_random_seed(8)
+    bias = {"bias_initializer": "random_normal"}
+    inputs = keras.Input((6, 6, 3))
+    x = keras.layers.Conv2D(4, 3, padding="same", **bias)(inputs)
+    x = keras.layers.BatchNormalization(momentum=0.5)(x)
+    x = keras.layers.Conv2D(4, 3, padding="same", **bias)(x)
+    frozen = keras.layers.BatchNormalization(moving_mean_initializer="random_normal")
+    frozen.trainable = False
+    x = frozen(x)
+    x = keras.layers.Conv2D(3, 1, **bias)(x)
+    hooked = keras.layers.BatchNormalization(momentum=0.5)
+    x = hooked(x)
+    model = keras.Model(inputs, keras.layers.Flatten()(x))
+    hooked.register_forward_hook(lambda module, args, output: None)
+    return model
+
+x = torch.from_numpy(np.random.default_rng(2).standard_normal((4, 6, 6, 3)).astype("float32"))
+
+def run():
+    model = make()
+    out = model(x, training=True)
+    (out * torch.linspace(-1.0, 2.0, out.numel()).view(out.shape)).sum().backward()
+    return {"out": out.detach().tolist(),
+            "grads": [w.value.grad.tolist() for w in model.trainable_weights],
+            "zero_bias_grads": [bool((w.value.grad == 0).all())
+                                for w in model.trainable_weights if w.name == "bias"],
+            "stats": [w.numpy().tolist() for w in model.non_trainable_weights]}
+
+keras_own = run()
+torch_kernels.install()
+print("RESULTS " + json.dumps({"keras": keras_own, "fused": run()}))
+"""
+
+
+def test_a_bias_left_out_for_a_batch_norm_is_added_back_where_it_does_not_cancel() -> None:
+    results = _under_torch(LEFT_OUT_BIAS)
+    keras_own, fused = results["keras"], results["fused"]
+    np.testing.assert_allclose(fused["out"], keras_own["out"], rtol=1e-5, atol=1e-6)
+    # the first bias' gradient is zero up to rounding in Keras and exactly zero here; the
+    # frozen and the hooked batch norms' convolutions keep their bias and its gradient
+    assert fused["zero_bias_grads"] == [True, False, False]
+    scale = max(np.abs(theirs).max() for theirs in keras_own["grads"])
+    for mine, theirs in zip(fused["grads"], keras_own["grads"], strict=True):
+        np.testing.assert_allclose(mine, theirs, rtol=1e-5, atol=1e-6 * scale)
+    # moving statistics, and the frozen layer's gamma and beta
+    assert len(fused["stats"]) == len(keras_own["stats"]) == 8
+    for mine, theirs in zip(fused["stats"], keras_own["stats"], strict=True):
+        np.testing.assert_allclose(mine, theirs, rtol=1e-5, atol=1e-6)
