@@ -30,8 +30,9 @@ and ``keras-same``: padded as Keras' ``padding="same"`` does, which in ResNet v1
 net's own function (benchmarks/torch_reference.py). ``bias-sum`` is not a PyTorch option: it
 gives the reference the hand-written bias gradient of our training path (a sum of the output
 gradient instead of oneDNN's reduction; benchmarks/conv_backward.py), to show what that is worth
-to PyTorch too. The interleaved summary prints ours against it, but does not count it among the
-configurations the best one is chosen from.
+to PyTorch too; ``bias-skip`` likewise runs a convolution that a batch norm alone reads without
+its bias, as our training path does. The summaries print ours against these, but do not count
+them among the configurations the best one is chosen from.
 
     KERAS_BACKEND=torch python benchmarks/throughput.py --nets resnet20_v1 --interleaved \
         --steps 20 --epochs 3 --torch-configs float32,float32+channels_last
@@ -146,7 +147,12 @@ def reference(net: str, config: str, batch: int, images: int, device: str):
     work done (on a GPU, queued: the caller synchronises)."""
     import torch
 
-    from benchmarks.torch_reference import build, parameter_count, sum_bias_gradients
+    from benchmarks.torch_reference import (
+        build,
+        leave_biases_to_batch_norms,
+        parameter_count,
+        sum_bias_gradients,
+    )
 
     torch.manual_seed(0)
     # "+inplace": ReLUs and residual sums in place, as torchvision's ResNets; "+keras-same":
@@ -155,6 +161,8 @@ def reference(net: str, config: str, batch: int, images: int, device: str):
                   same="keras-same" in config).to(device)
     if "bias-sum" in config:  # ours' bias gradient, hand-written (not a PyTorch option)
         sum_bias_gradients(model)
+    if "bias-skip" in config:  # ours' biases left to the batch norms, hand-written too
+        leave_biases_to_batch_norms(model)
     channels_last = "channels_last" in config
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -281,8 +289,9 @@ def run_interleaved(net: str, configs: list[str], batch: int, images: int, epoch
 
 def counted(config: str) -> bool:
     """Whether a reference configuration is one of PyTorch's own, and so a candidate for the
-    best one that the ratio is taken against; ``bias-sum`` is our hand-written gradient."""
-    return "bias-sum" not in config.split("+")
+    best one that the ratio is taken against; ``bias-sum`` and ``bias-skip`` are our
+    hand-written tricks."""
+    return not {"bias-sum", "bias-skip"} & set(config.split("+"))
 
 
 def candidates(configs) -> list:

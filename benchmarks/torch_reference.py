@@ -21,7 +21,9 @@ does. ResNet v2's strided convolutions are 1x1 and DenseNet-BC has none, so ther
 CPU (``tasks.torch_kernels.BiasedConv``): the output gradient's sum, where torch's convolution
 backward has oneDNN reduce it along with the kernel's gradient. It is not a PyTorch option but a
 hand-written autograd function, written again here (the reference imports nothing of ours) to
-show what the same trick is worth to a PyTorch user.
+show what the same trick is worth to a PyTorch user. :func:`leave_biases_to_batch_norms` does
+the same for our other bias trick: a convolution that a batch norm alone reads runs without its
+bias, which the batch norm cancels.
 """
 
 from __future__ import annotations
@@ -93,6 +95,44 @@ def sum_bias_gradients(model: nn.Module) -> nn.Module:
     for module in model.modules():
         if type(module) is nn.Conv2d:
             module.__class__ = BiasSumConv2d
+    return model
+
+
+class BiasLeftOutConv2d(nn.Conv2d):
+    """``nn.Conv2d`` whose output a batch norm alone reads, run without its bias.
+
+    In training the batch norm subtracts the batch mean, bias included, so its output is the
+    same; the bias gets no gradient (its exact one is zero) and stays as it is, and the running
+    mean is that of the unbiased output, which is what this convolution gives in inference
+    too. So the net computes the same function, without the bias's work in either pass."""
+
+    def _conv_forward(self, x, weight, bias):
+        return super()._conv_forward(x, weight, None)
+
+
+def leave_biases_to_batch_norms(model: nn.Module) -> nn.Module:
+    """``model`` with every ``nn.Conv2d`` that feeds a batch norm alone (a convolution followed
+    by ``nn.BatchNorm2d`` in a ``nn.Sequential``, and ResNet v1's ``conv1``/``conv2``) a
+    :class:`BiasLeftOutConv2d` (same parameters): what our training path does
+    (``tasks.torch_kernels``), written again here as the bias sum is."""
+
+    def convolution(module):  # a convolution, or one after Keras' "same" padding
+        if (isinstance(module, nn.Sequential) and len(module) == 2
+                and isinstance(module[0], KerasSamePad)):
+            module = module[1]
+        return module if isinstance(module, nn.Conv2d) else None
+
+    found = []
+    for module in model.modules():
+        if isinstance(module, nn.Sequential):
+            found += [convolution(first)
+                      for first, second in zip(module, module[1:], strict=False)
+                      if isinstance(second, nn.BatchNorm2d)]
+        elif isinstance(module, BasicUnit):
+            found += [convolution(module.conv1), convolution(module.conv2)]
+    for module in found:
+        if module is not None and module.bias is not None:
+            module.__class__ = BiasLeftOutConv2d
     return model
 
 

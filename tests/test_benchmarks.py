@@ -41,6 +41,7 @@ def test_bias_sum_alone_is_still_compared() -> None:
 def test_counted_reads_whole_options() -> None:
     assert counted("float32+channels_last+inplace+fused-adam+keras-same")
     assert not counted("float32+channels_last+bias-sum")
+    assert not counted("float32+bias-skip") and not counted("float32+bias-sum+bias-skip")
     assert counted("float32+bias-summary")  # another word, not the option
 
 

@@ -108,3 +108,49 @@ def test_bias_sum_reference_has_the_gradients_of_torch_own_convolutions() -> Non
     assert results["count"] == 7  # three kernels, three biases and the input
     # the same gradients, up to the order in which float32 sums are taken
     assert results["worst"] < 1e-5, results
+
+
+BIAS_SKIP = r"""
+import json
+import torch
+from benchmarks.torch_reference import build, leave_biases_to_batch_norms
+
+found, worst = {}, {}
+for net, same in (("resnet20_v1", True), ("resnet110_v2", False),
+                  ("densenet_bc_100_k12", False)):
+    torch.manual_seed(0)
+    # in float64, so that what is compared is the arithmetic, not float32's rounding, which a
+    # randomly initialised 110-layer net amplifies to 1% of its largest gradient
+    plain = build(net, 10, same=same).double()
+    left = build(net, 10, same=same).double()
+    left.load_state_dict(plain.state_dict())
+    leave_biases_to_batch_norms(left)
+    found[net] = sum(type(m).__name__ == "BiasLeftOutConv2d" for m in left.modules())
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1)).double()
+    outs = []
+    for model in (plain, left):  # training mode: the batch norms use the batch's statistics
+        out = model(x)
+        (out * torch.linspace(-1.0, 2.0, out.numel()).view(out.shape)).sum().backward()
+        outs.append(out.detach())
+    grads = [dict(model.named_parameters()) for model in (plain, left)]
+    skipped = [name for name, p in grads[1].items() if p.grad is None]
+    assert len(skipped) == found[net] and all(name.endswith("bias") for name in skipped)
+    # every output and gradient but the left-out biases' (zero up to rounding in plain),
+    # against the largest of its kind
+    scale = max(float(p.grad.abs().max()) for p in grads[0].values())
+    worst[net] = max([float((outs[1] - outs[0]).abs().max() / outs[0].abs().max())] + [
+        float((grads[1][name].grad - p.grad).abs().max()) / scale
+        for name, p in grads[0].items() if name not in skipped])
+print("RESULTS " + json.dumps({"found": found, "worst": worst}))
+"""
+
+
+def test_bias_skip_reference_computes_the_same_outputs_and_gradients() -> None:
+    pytest.importorskip("torch", reason="install the benchmark extra (torch)")
+    results = _under_torch(BIAS_SKIP)
+    # the convolutions that a batch norm alone reads: ResNet20 v1's stem and both of each
+    # unit's (not the two shortcut projections), ResNet110 v2's stem and the first two of each
+    # of its 36 units, DenseNet-BC-100's 48 bottlenecks
+    assert results["found"] == {"resnet20_v1": 19, "resnet110_v2": 73,
+                                "densenet_bc_100_k12": 48}
+    assert max(results["worst"].values()) < 1e-10, results
