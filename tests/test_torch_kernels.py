@@ -458,6 +458,17 @@ def _under_torch(script: str, *args: str) -> dict:
     return json.loads(line.removeprefix("RESULTS "))
 
 
+def _assert_same_gradients_and_statistics(mine: dict, theirs: dict, rtol: float) -> None:
+    """Every gradient and non-trainable weight of ``mine`` is ``theirs``. A bias followed by a
+    batch norm has a gradient of zero up to rounding: gradients are compared with an absolute
+    tolerance against the largest one, not against that bias's own rounding noise."""
+    scale = max(np.abs(grad).max() for grad in theirs["grads"])
+    for got, want in zip(mine["grads"], theirs["grads"], strict=True):
+        np.testing.assert_allclose(got, want, rtol=rtol, atol=1e-6 * scale)
+    for got, want in zip(mine["stats"], theirs["stats"], strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
 @pytest.fixture(scope="module")
 def plain() -> dict:
     """The training script with Keras' own kernels: what the other modes are compared with."""
@@ -471,15 +482,9 @@ def test_fused_layers_compute_what_keras_computes() -> None:
     np.testing.assert_allclose(fused["out"], keras_own["out"], rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(fused["inference"], keras_own["inference"], rtol=1e-4, atol=1e-5)
     assert len(fused["grads"]) == len(keras_own["grads"]) == 13  # 5 kernels, 4 biases, 4 BN
-    # a bias followed by batch norm has a gradient of zero up to rounding: absolute tolerance
-    # against the largest gradient, not against that bias's own rounding noise
-    scale = max(np.abs(theirs).max() for theirs in keras_own["grads"])
-    for mine, theirs in zip(fused["grads"], keras_own["grads"], strict=True):
-        np.testing.assert_allclose(mine, theirs, rtol=1e-4, atol=1e-6 * scale)
     # moving means and variances after one training call: Keras' formula, biased variance
     assert len(fused["stats"]) == len(keras_own["stats"]) == 6
-    for mine, theirs in zip(fused["stats"], keras_own["stats"], strict=True):
-        np.testing.assert_allclose(mine, theirs, rtol=1e-5, atol=1e-6)
+    _assert_same_gradients_and_statistics(fused, keras_own, rtol=1e-4)
     # a convolution read by a batch norm alone leaves its bias to it: torch's own convolution,
     # and a bias gradient of exactly zero, where Keras sums rounding noise. The last biased
     # one, with no batch norm after it, takes its bias gradient as a sum (BiasedConv), and
@@ -728,10 +733,6 @@ def test_a_bias_left_out_for_a_batch_norm_is_added_back_where_it_does_not_cancel
     # the first bias' gradient is zero up to rounding in Keras and exactly zero here; the
     # frozen and the hooked batch norms' convolutions keep their bias and its gradient
     assert fused["zero_bias_grads"] == [True, False, False]
-    scale = max(np.abs(theirs).max() for theirs in keras_own["grads"])
-    for mine, theirs in zip(fused["grads"], keras_own["grads"], strict=True):
-        np.testing.assert_allclose(mine, theirs, rtol=1e-5, atol=1e-6 * scale)
     # moving statistics, and the frozen layer's gamma and beta
     assert len(fused["stats"]) == len(keras_own["stats"]) == 8
-    for mine, theirs in zip(fused["stats"], keras_own["stats"], strict=True):
-        np.testing.assert_allclose(mine, theirs, rtol=1e-5, atol=1e-6)
+    _assert_same_gradients_and_statistics(fused, keras_own, rtol=1e-5)
