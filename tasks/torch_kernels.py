@@ -439,7 +439,7 @@ def _install_direct_calls(keras, torch, compiling, keras_conv_op, conv2d_nchw,
             # convolution outputs made without their bias, which a batch norm in training
             # cancels (:func:`batch_norm`): key -> the bias, added here for any other reader
             self.shifts = {}
-            self.absorb = None  # the running convolution's output key, where it may do that
+            self.absorb = None  # the running step's output key, where a conv may do that
 
         def overwritable(self, key, tensor) -> bool:
             return key in self.spare and tensor._base is None
@@ -812,12 +812,8 @@ def _install_direct_calls(keras, torch, compiling, keras_conv_op, conv2d_nchw,
             # can be set after the plan was made
             if handler is not None and plain(layer) and inputs_fit(
                     frame, keys, handler is rescaling):
-                if absorb:
-                    frame.absorb = outputs[0]
-                    result = handler(layer, frame, keys, training)
-                    frame.absorb = None
-                else:
-                    result = handler(layer, frame, keys, training)
+                frame.absorb = outputs[0] if absorb else None  # read by the conv handler
+                result = handler(layer, frame, keys, training)
                 if result is None:
                     tensors = [frame.nhwc(key) for key in keys]
                     argument = tensors if listed else tensors[0]

@@ -132,15 +132,15 @@ for net, same in (("resnet20_v1", True), ("resnet110_v2", False),
         out = model(x)
         (out * torch.linspace(-1.0, 2.0, out.numel()).view(out.shape)).sum().backward()
         outs.append(out.detach())
-    grads = [dict(model.named_parameters()) for model in (plain, left)]
-    skipped = [name for name, p in grads[1].items() if p.grad is None]
+    parameters = [dict(model.named_parameters()) for model in (plain, left)]
+    skipped = [name for name, p in parameters[1].items() if p.grad is None]
     assert len(skipped) == found[net] and all(name.endswith("bias") for name in skipped)
     # every output and gradient but the left-out biases' (zero up to rounding in plain),
     # against the largest of its kind
-    scale = max(float(p.grad.abs().max()) for p in grads[0].values())
+    scale = max(float(p.grad.abs().max()) for p in parameters[0].values())
     worst[net] = max([float((outs[1] - outs[0]).abs().max() / outs[0].abs().max())] + [
-        float((grads[1][name].grad - p.grad).abs().max()) / scale
-        for name, p in grads[0].items() if name not in skipped])
+        float((parameters[1][name].grad - p.grad).abs().max()) / scale
+        for name, p in parameters[0].items() if name not in skipped])
 print("RESULTS " + json.dumps({"found": found, "worst": worst}))
 """
 
