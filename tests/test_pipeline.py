@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from tests.conftest import run, scratch_repo, set_params, stage_environment
 
@@ -111,6 +112,27 @@ def test_bad_params_stop_repro_before_any_output_is_touched(repo, env):
     assert "train.epochs = 0" in output and "train.optimiser: unknown key" in output
     assert _ran_stages(result.stdout) == ["check-params"]
     assert _tree_digest(repo / "models") == before
+
+
+def test_dvc_lock_holds_only_the_stages_of_dvc_yaml(repo):
+    # entries of renamed or removed stages would be parsed and validated on every no-op
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    assert sorted(lock) == sorted(STAGES)
+
+
+def test_editing_a_recipe_train_does_not_use_reruns_nothing_past_check_params(repo, env):
+    chosen = yaml.safe_load((repo / "params.yaml").read_text())["train"]["recipe"]
+    other = next(name for name in ("paper", "book") if name != chosen)
+    original = (repo / "params.yaml").read_text()
+    try:
+        set_params(repo, {f"recipes.{other}.epochs": 7})
+        result = run(["dvc", "repro"], repo, env)
+    finally:
+        (repo / "params.yaml").write_text(original)
+    assert _ran_stages(result.stdout) == ["check-params"], result.stdout
+    recorded = yaml.safe_load((repo / "dvc.lock").read_text())["stages"][f"train@{NET}"]
+    assert list(recorded["params"]["params.yaml"]) == [
+        "model.options", f"recipes.{chosen}", "speed", "train"]
 
 
 def test_a_training_param_reruns_only_train_and_what_follows(repo, env):
