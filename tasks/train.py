@@ -245,9 +245,9 @@ def write_diagram(model: Any, path: Path) -> str | None:
     """Draw the architecture with keras.utils.plot_model; returns why not, if it cannot.
 
     Edges take Graphviz's default spline routing. Keras' default, ``splines="ortho"``, makes
-    Graphviz 2.43 (Debian 11, Ubuntu 22.04) abort on ResNet32, 44, 56 and 110 v1, and the
-    diagram is drawn after training: a Graphviz failure must not cost the trained model, so
-    any that is left skips the diagram and says why.
+    Debian 12's Graphviz (2.42.2, ``dot -V`` says 2.43.0) abort on ResNet32, 44, 56 and 110 v1,
+    and the diagram is drawn after training: a Graphviz failure must not cost the trained
+    model, so any that is left skips the diagram and says why.
     """
     import shutil
 

@@ -18,8 +18,8 @@ from nets import create_model
 from tasks.modeling import build_training_model
 from tasks.train import write_diagram
 
-# the book's table (ResNet v1 by depth, ResNet v2, DenseNet-BC); Graphviz 2.43's orthogonal
-# router aborted on ResNet32, 44, 56 and 110 v1
+# the book's table (ResNet v1 by depth, ResNet v2, DenseNet-BC); Debian 12's Graphviz (2.42.2)
+# aborted on ResNet32, 44, 56 and 110 v1 with Keras' default orthogonal edges
 BOOK_NETS = ["resnet20_v1", "resnet32_v1", "resnet44_v1", "resnet56_v1", "resnet110_v1",
              "resnet56_v2", "resnet110_v2", "densenet_bc_100_k12"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
