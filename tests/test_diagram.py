@@ -44,7 +44,7 @@ def test_every_net_of_the_book_table_gets_its_diagram(name, tmp_path):
 
 
 def test_a_failing_graphviz_skips_the_diagram_and_says_why(tmp_path, monkeypatch):
-    # a real executable named dot that fails as Graphviz 2.43 did: a message, then an abort
+    # a real executable named dot that fails as Debian 12's Graphviz did: a message, an abort
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     dot = bin_dir / "dot"

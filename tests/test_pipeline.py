@@ -120,7 +120,7 @@ def test_dvc_lock_holds_only_the_stages_of_dvc_yaml(repo):
     assert sorted(lock) == sorted(STAGES)
 
 
-def test_editing_a_recipe_train_does_not_use_reruns_nothing_past_check_params(repo, env):
+def test_editing_an_unused_recipe_reruns_only_check_params(repo, env):
     chosen = yaml.safe_load((repo / "params.yaml").read_text())["train"]["recipe"]
     other = next(name for name in ("paper", "book") if name != chosen)
     original = (repo / "params.yaml").read_text()
