@@ -2,15 +2,19 @@
 
     python benchmarks/precision_accuracy.py --source ../shared/datasets/cifar10-jpeg.tar.gz \\
         --epochs 15 --seeds 1,2 --precisions float32,mixed_bfloat16
+    python benchmarks/precision_accuracy.py --source ... --compare jit_compile=true,false \\
+        --train-images 8000 --test-images 2000 --epochs 6 --seeds 1,2,3
     KERAS_BACKEND=jax python benchmarks/precision_accuracy.py --source ... (on a GPU)
 
 Every run goes through ``tasks.train.train`` (the train stage's own function) with params.yaml's
 values, except: the recipe (``--recipe``, default the paper's SGD recipe), the epochs (the step
-schedule's milestones scale with them), the seed and ``speed.precision``. The data is an
-image-folder archive, decoded once by ``tasks.datasets.read_imagefolder`` and prepared by
-``tasks.preprocess.preprocess``. It prints each run's best validation accuracy and, per
-setting, the mean and the spread over seeds: a setting changes accuracy beyond run-to-run noise
-only if its mean sits outside the other's spread.
+schedule's milestones scale with them), the seed and the compared ``speed`` key
+(``--compare KEY=V1,V2,...``; ``--precisions V1,V2`` is ``--compare precision=V1,V2``). The
+data is an image-folder archive, decoded once by ``tasks.datasets.read_imagefolder``, optionally
+cut to a random subset of its training and test images (the same subset for every run), and
+prepared by ``tasks.preprocess.preprocess``. It prints each run's best validation accuracy and,
+per setting, the mean and the spread over seeds: a setting changes accuracy beyond run-to-run
+noise only if its mean sits outside the other's spread.
 """
 
 from __future__ import annotations
@@ -22,11 +26,46 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere: tasks/ and nets/ import
+
+
+def parse_compare(text: str) -> tuple[str, list[Any]]:
+    """``"jit_compile=true,false"`` -> ``("jit_compile", [True, False])``: a key of params.yaml's
+    ``speed`` section and its values, each read as YAML reads it."""
+    from tasks.config import SpeedParams
+
+    key, sep, values = text.partition("=")
+    key = key.strip()
+    if not sep or not values.strip():
+        raise ValueError(f"--compare {text!r}: expected KEY=V1,V2 (e.g. jit_compile=true,false)")
+    if key not in SpeedParams.model_fields:
+        raise ValueError(f"--compare {text!r}: {key!r} is not a speed setting; pick one of "
+                         f"{', '.join(SpeedParams.model_fields)}")
+    return key, [yaml.safe_load(value.strip()) for value in values.split(",")]
+
+
+def subset(splits: Any, train_images: int | None, test_images: int | None, seed: int = 0) -> Any:
+    """The same random subset of the training and test images for every run (``None``: all)."""
+    import dataclasses
+
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    cut = {}
+    for split, count in (("train", train_images), ("test", test_images)):
+        x, y = getattr(splits, f"x_{split}"), getattr(splits, f"y_{split}")
+        if count is None:
+            continue
+        if not 0 < count <= len(x):
+            raise ValueError(f"--{split}-images {count}: the archive has {len(x)} {split} images")
+        keep = np.sort(rng.permutation(len(x))[:count])
+        cut[f"x_{split}"], cut[f"y_{split}"] = x[keep], y[keep]
+    return dataclasses.replace(splits, **cut)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,18 +75,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recipe", default="paper")
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--seeds", default="1,2")
-    parser.add_argument("--precisions", default="float32,mixed_bfloat16")
+    parser.add_argument("--precisions", default="float32,mixed_bfloat16",
+                        help="shorthand for --compare precision=...")
+    parser.add_argument("--compare", help="KEY=V1,V2: the speed setting to compare "
+                        "(e.g. jit_compile=true,false); overrides --precisions")
     parser.add_argument("--jit-compile", default="auto", help="speed.jit_compile for every run")
+    parser.add_argument("--train-images", type=int, help="a random subset of the training images")
+    parser.add_argument("--test-images", type=int, help="a random subset of the test images")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     if not args.source.exists():
         print(f"error: {args.source} not found; pass an image-folder archive with --source",
               file=sys.stderr)
         return 2
+    try:
+        key, values = parse_compare(args.compare or f"precision={args.precisions}")
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
 
     import keras
 
-    from tasks.config import parse_params
+    from tasks.config import ParamsError, parse_params
     from tasks.datasets import read_imagefolder
     from tasks.preprocess import preprocess
     from tasks.train import train
@@ -57,40 +106,55 @@ def main(argv: list[str] | None = None) -> int:
     splits = read_imagefolder(args.source)
     print(f"decoded {len(splits.x_train)} training and {len(splits.x_test)} test images in "
           f"{time.perf_counter() - started:.1f} s", flush=True)
+    try:
+        splits = subset(splits, args.train_images, args.test_images)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if args.train_images or args.test_images:
+        print(f"using {len(splits.x_train)} training and {len(splits.x_test)} test images",
+              flush=True)
     jit = {"auto": "auto", "true": True, "false": False}[args.jit_compile.lower()]
     runs = []
-    for precision in args.precisions.split(","):
+    labels = [f"{key}={json.dumps(value) if not isinstance(value, str) else value}"
+              for value in values]
+    for label, value in zip(labels, values, strict=True):
         for seed in (int(s) for s in args.seeds.split(",")):
             update = {**raw, "model": {**raw["model"], "names": [args.net]},
                       "train": {"recipe": args.recipe, "epochs": args.epochs, "seed": seed},
-                      "speed": {**raw.get("speed", {}), "precision": precision,
-                                "jit_compile": jit}}
-            params = parse_params(update, ROOT / "params.yaml", args.net)
+                      "speed": {**raw.get("speed", {}), "jit_compile": jit, key: value}}
+            try:
+                params = parse_params(update, ROOT / "params.yaml", args.net)
+            except ParamsError as error:
+                print(f"error: --compare {key}={value}: {error}", file=sys.stderr)
+                return 2
             prepared = preprocess(splits, params.preprocess)
             began = time.perf_counter()
             with tempfile.TemporaryDirectory() as tmp:
                 result = train(params, prepared, Path(tmp) / "model.keras", verbose=0)
             seconds = time.perf_counter() - began
             accuracy = max(result.history["val_accuracy"])
-            runs.append({"precision": precision, "seed": seed, "best_val_accuracy": accuracy,
+            runs.append({"setting": label, "seed": seed, "best_val_accuracy": accuracy,
                          "last_val_accuracy": result.history["val_accuracy"][-1],
                          "seconds": seconds, "speed": result.speed})
-            print(f"  {precision:<15} seed {seed}: best val_accuracy {accuracy:.4f}, last "
+            print(f"  {label:<28} seed {seed}: best val_accuracy {accuracy:.4f}, last "
                   f"{result.history['val_accuracy'][-1]:.4f}, {seconds:.0f} s "
                   f"({seconds / args.epochs:.1f} s/epoch)", flush=True)
             keras.backend.clear_session()
     summary = {}
-    for precision in args.precisions.split(","):
-        values = [r["best_val_accuracy"] for r in runs if r["precision"] == precision]
-        summary[precision] = {"mean": statistics.fmean(values), "min": min(values),
-                              "max": max(values)}
-        print(f"{precision:<15} mean {summary[precision]['mean']:.4f} "
+    for label in labels:
+        values = [r["best_val_accuracy"] for r in runs if r["setting"] == label]
+        summary[label] = {"mean": statistics.fmean(values), "min": min(values),
+                          "max": max(values)}
+        print(f"{label:<28} mean {summary[label]['mean']:.4f} "
               f"(min {min(values):.4f}, max {max(values):.4f}) over {len(values)} seed(s)")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"net": args.net, "recipe": args.recipe,
-                                         "epochs": args.epochs, "runs": runs,
-                                         "summary": summary}, indent=2))
+        from tasks.io import write_json
+
+        write_json(args.json, {
+            "net": args.net, "recipe": args.recipe, "epochs": args.epochs,
+            "train_images": len(splits.x_train), "test_images": len(splits.x_test),
+            "backend": keras.backend.backend(), "runs": runs, "summary": summary})
     return 0
 
 

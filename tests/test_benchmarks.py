@@ -67,3 +67,55 @@ def test_results_name_the_commit_and_whether_the_tree_was_clean(tmp_path, monkey
     assert throughput.commit() == head
     (tmp_path / "tracked.txt").write_text("two\n")
     assert throughput.commit() == head + "-dirty"
+
+
+def test_compare_reads_a_speed_key_and_its_values() -> None:
+    from benchmarks.precision_accuracy import parse_compare
+
+    assert parse_compare("jit_compile=true,false") == ("jit_compile", [True, False])
+    assert parse_compare("precision=float32, mixed_bfloat16") == (
+        "precision", ["float32", "mixed_bfloat16"])
+    with pytest.raises(ValueError, match="'epochs' is not a speed setting; pick one of precision"):
+        parse_compare("epochs=1,2")
+    with pytest.raises(ValueError, match="expected KEY=V1,V2"):
+        parse_compare("jit_compile")
+
+
+def test_subset_keeps_the_same_images_for_every_run() -> None:
+    import numpy as np
+
+    from benchmarks.precision_accuracy import subset
+    from tasks.datasets import Splits
+
+    splits = Splits(np.arange(100).reshape(100, 1), np.arange(100), np.arange(40).reshape(40, 1),
+                    np.arange(40), ["a"])
+    first, second = subset(splits, 30, 10), subset(splits, 30, 10)
+    assert len(first.x_train) == 30 and len(first.x_test) == 10
+    np.testing.assert_array_equal(first.y_train, second.y_train)
+    np.testing.assert_array_equal(first.x_train[:, 0], first.y_train)  # images keep their labels
+    assert len(np.unique(first.y_train)) == 30
+    assert len(subset(splits, None, None).x_train) == 100
+    with pytest.raises(ValueError, match="--train-images 101: the archive has 100 train images"):
+        subset(splits, 101, None)
+
+
+def test_accuracy_comparison_trains_under_each_setting(tmp_path, capsys) -> None:
+    import json
+
+    from benchmarks.precision_accuracy import main
+    from tests.archives import make_imagefolder_tar
+
+    archive, _ = make_imagefolder_tar(tmp_path / "images.tar.gz", train_per_class=6,
+                                      test_per_class=3, size=(32, 32))
+    out = tmp_path / "result.json"
+    assert main(["--source", str(archive), "--net", "resnet20_v1", "--epochs", "1",
+                 "--seeds", "1", "--compare", "jit_compile=true,false", "--train-images", "12",
+                 "--test-images", "6", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert (result["train_images"], result["test_images"]) == (12, 6)
+    assert [run["setting"] for run in result["runs"]] == ["jit_compile=true", "jit_compile=false"]
+    assert [run["speed"]["jit_compile"] for run in result["runs"]] == [True, False]
+    assert set(result["summary"]) == {"jit_compile=true", "jit_compile=false"}
+    assert "jit_compile=false" in capsys.readouterr().out
+    assert main(["--source", str(archive), "--compare", "threads=0"]) == 2
+    assert "threads=0" in capsys.readouterr().err
