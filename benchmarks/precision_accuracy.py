@@ -90,18 +90,39 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         key, values = parse_compare(args.compare or f"precision={args.precisions}")
+        if not all(seed.strip().isdigit() for seed in args.seeds.split(",")):
+            raise ValueError(f"--seeds {args.seeds!r}: expected whole numbers separated by "
+                             "commas (e.g. 1,2,3)")
+        seeds = [int(seed) for seed in args.seeds.split(",")]
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
+    from tasks.config import ParamsError, parse_params
+
+    # every run's params, validated before minutes of decoding and training
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    jit = {"auto": "auto", "true": True, "false": False}[args.jit_compile.lower()]
+    labels = [f"{key}={json.dumps(value) if not isinstance(value, str) else value}"
+              for value in values]
+    planned = []
+    for label, value in zip(labels, values, strict=True):
+        for seed in seeds:
+            update = {**raw, "model": {**raw["model"], "names": [args.net]},
+                      "train": {"recipe": args.recipe, "epochs": args.epochs, "seed": seed},
+                      "speed": {**raw.get("speed", {}), "jit_compile": jit, key: value}}
+            try:
+                planned.append((label, seed, parse_params(update, ROOT / "params.yaml", args.net)))
+            except ParamsError as error:
+                print(f"error: --compare {key}={value}: {error}", file=sys.stderr)
+                return 2
+
     import keras
 
-    from tasks.config import ParamsError, parse_params
     from tasks.datasets import read_imagefolder
     from tasks.preprocess import preprocess
     from tasks.train import train
 
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     started = time.perf_counter()
     splits = read_imagefolder(args.source)
     print(f"decoded {len(splits.x_train)} training and {len(splits.x_test)} test images in "
@@ -114,33 +135,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.train_images or args.test_images:
         print(f"using {len(splits.x_train)} training and {len(splits.x_test)} test images",
               flush=True)
-    jit = {"auto": "auto", "true": True, "false": False}[args.jit_compile.lower()]
     runs = []
-    labels = [f"{key}={json.dumps(value) if not isinstance(value, str) else value}"
-              for value in values]
-    for label, value in zip(labels, values, strict=True):
-        for seed in (int(s) for s in args.seeds.split(",")):
-            update = {**raw, "model": {**raw["model"], "names": [args.net]},
-                      "train": {"recipe": args.recipe, "epochs": args.epochs, "seed": seed},
-                      "speed": {**raw.get("speed", {}), "jit_compile": jit, key: value}}
-            try:
-                params = parse_params(update, ROOT / "params.yaml", args.net)
-            except ParamsError as error:
-                print(f"error: --compare {key}={value}: {error}", file=sys.stderr)
-                return 2
-            prepared = preprocess(splits, params.preprocess)
-            began = time.perf_counter()
-            with tempfile.TemporaryDirectory() as tmp:
-                result = train(params, prepared, Path(tmp) / "model.keras", verbose=0)
-            seconds = time.perf_counter() - began
-            accuracy = max(result.history["val_accuracy"])
-            runs.append({"setting": label, "seed": seed, "best_val_accuracy": accuracy,
-                         "last_val_accuracy": result.history["val_accuracy"][-1],
-                         "seconds": seconds, "speed": result.speed})
-            print(f"  {label:<28} seed {seed}: best val_accuracy {accuracy:.4f}, last "
-                  f"{result.history['val_accuracy'][-1]:.4f}, {seconds:.0f} s "
-                  f"({seconds / args.epochs:.1f} s/epoch)", flush=True)
-            keras.backend.clear_session()
+    for label, seed, params in planned:
+        prepared = preprocess(splits, params.preprocess)
+        began = time.perf_counter()
+        with tempfile.TemporaryDirectory() as tmp:
+            result = train(params, prepared, Path(tmp) / "model.keras", verbose=0)
+        seconds = time.perf_counter() - began
+        accuracy = max(result.history["val_accuracy"])
+        runs.append({"setting": label, "seed": seed, "best_val_accuracy": accuracy,
+                     "last_val_accuracy": result.history["val_accuracy"][-1],
+                     "seconds": seconds, "speed": result.speed})
+        print(f"  {label:<28} seed {seed}: best val_accuracy {accuracy:.4f}, last "
+              f"{result.history['val_accuracy'][-1]:.4f}, {seconds:.0f} s "
+              f"({seconds / args.epochs:.1f} s/epoch)", flush=True)
+        keras.backend.clear_session()
     summary = {}
     for label in labels:
         values = [r["best_val_accuracy"] for r in runs if r["setting"] == label]

@@ -117,5 +117,9 @@ def test_accuracy_comparison_trains_under_each_setting(tmp_path, capsys) -> None
     assert [run["speed"]["jit_compile"] for run in result["runs"]] == [True, False]
     assert set(result["summary"]) == {"jit_compile=true", "jit_compile=false"}
     assert "jit_compile=false" in capsys.readouterr().out
-    assert main(["--source", str(archive), "--compare", "threads=0"]) == 2
-    assert "threads=0" in capsys.readouterr().err
+    # a value params.yaml rejects stops the run before anything is decoded or trained
+    assert main(["--source", str(archive), "--compare", "threads=2,0"]) == 2
+    captured = capsys.readouterr()
+    assert "threads=0" in captured.err and "decoded" not in captured.out
+    assert main(["--source", str(archive), "--seeds", "1,x"]) == 2
+    assert "--seeds '1,x': expected whole numbers" in capsys.readouterr().err
