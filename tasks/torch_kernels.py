@@ -33,9 +33,16 @@ quarter slower than the same net written directly in PyTorch (docs/benchmarks.md
   poolings, dense and a few more) by ``call`` directly instead of through ``Layer.__call__``,
   whose bookkeeping cost ResNet20 v1 about 20 ms a step on a 2-core CPU at any batch size (a
   step at batch 128 takes about 400 ms there). Only where
-  that bookkeeping has nothing to do: an eager float32 call on torch tensors with an explicit
-  training flag and no masks, to a layer without an activity regulariser, another dtype
-  policy, quantisation or torch hooks. Between such layers a 4-D tensor stays in torch's NCHW
+  that bookkeeping has nothing to do: an eager call on torch tensors with an explicit
+  training flag and no masks, to a layer without an activity regulariser, quantisation or
+  torch hooks, whose dtype policy is float32 or mixed_bfloat16. Under mixed_bfloat16 the
+  calls do what ``Layer.__call__`` and its autocast scope do: each floating-point input is
+  cast to the layer's compute dtype, and a convolution's or a Dense layer's kernel and bias
+  to bfloat16, while a batch norm keeps float32 statistics and weights (torch's kernel takes
+  a bfloat16 input with float32 weights, as Keras' layer computes in float32) and the float32
+  input layers and softmax head stay float32. Keras' own walk of a mixed model ran ResNet20
+  v1 at 0.72 of PyTorch's bfloat16 autocast on a CPU with AVX512-BF16; this, at about 1.0.
+  Between such layers a 4-D tensor stays in torch's NCHW
   view instead of being permuted to NHWC and back around every convolution and batch norm:
   ResNet20 v1's step records 80 fewer autograd nodes. The input layers (scaling,
   normalisation, flips and ``tasks.modeling.RandomShift``) and a nested functional model are
@@ -383,10 +390,12 @@ def _install_direct_calls(keras, torch, compiling, keras_conv_op, conv2d_nchw,
     ``Layer.__call__`` converts arguments, resolves the training flag and masks, opens name and
     autocast scopes and goes through ``torch.nn.Module.__call__``: about 0.1 to 0.2 ms a layer
     on this kind of CPU, 77 times in a ResNet20 v1 step. For the layer types below that
-    bookkeeping changes nothing when the model is called eagerly on float32 torch tensors with an
-    explicit ``training`` flag, no masks, no autocast scope, and the layer is built in float32
-    with no activity regulariser, quantisation, rematerialisation or torch hooks. A functional
-    model then runs a plan made once from its graph, in the graph's order.
+    bookkeeping changes nothing when the model is called eagerly on torch tensors with an
+    explicit ``training`` flag and no masks, and the layer is built with a float32 or
+    mixed_bfloat16 policy and no activity regulariser, quantisation, rematerialisation or torch
+    hooks: a handler casts what ``Layer.__call__`` and its autocast scope would cast (the
+    inputs to the layer's compute dtype, a mixed layer's kernel and bias to bfloat16). A
+    functional model then runs a plan made once from its graph, in the graph's order.
 
     In that plan a 4-D tensor between convolutions, batch norms, ReLUs, additions,
     concatenations, paddings and poolings stays in torch's own NCHW view (channels-last
@@ -448,7 +457,8 @@ def _install_direct_calls(keras, torch, compiling, keras_conv_op, conv2d_nchw,
             """Add a convolution's bias that was left out, for a reader that needs it."""
             bias = self.shifts.pop(key, None)
             if bias is not None:
-                self.nchw_[key] = self.nchw_[key] + bias.view(1, -1, 1, 1)
+                tensor = self.nchw_[key]
+                self.nchw_[key] = tensor + bias.to(tensor.dtype).view(1, -1, 1, 1)
                 self.nhwc_.pop(key, None)
 
         def either(self, key):
@@ -496,8 +506,11 @@ def _install_direct_calls(keras, torch, compiling, keras_conv_op, conv2d_nchw,
             # all, so the bias is left out here and given to the batch norm (batch_norm_nchw)
             frame.shifts[frame.absorb] = bias
             bias = None
-        y = conv2d_nchw(x, value_of(layer.kernel), bias, layer.strides, layer.padding,
-                        layer.dilation_rate)
+        kernel = value_of(layer.kernel)
+        if x.dtype is not float32:  # mixed precision: the weights cast as Keras' scope casts
+            kernel = kernel.to(x.dtype)
+            bias = None if bias is None else bias.to(x.dtype)
+        y = conv2d_nchw(x, kernel, bias, layer.strides, layer.padding, layer.dilation_rate)
         frame.fresh = activation is linear  # a ReLU's backward reads its output
         return (torch.relu_(y) if activation is relu_function else y), True
 
@@ -515,13 +528,16 @@ def _install_direct_calls(keras, torch, compiling, keras_conv_op, conv2d_nchw,
             return batch_norm_nchw(layer, x, gamma, beta, frame.moving, shift), True
         if frame.moving.holds(layer):  # a shared layer, in training earlier in this call
             frame.moving.flush()
-        # inference: Keras' torch batch_normalization, per channel of the NCHW view
+        # inference: Keras' torch batch_normalization, per channel of the NCHW view, in
+        # float32 and cast back to a bfloat16 input's dtype, as Keras' layer computes it
+        dtype = x.dtype
         scale = value_of(layer.moving_variance).add(layer.epsilon).rsqrt_()
         if gamma is not None:
             scale = scale.mul(gamma)
-        y = x.subtract(value_of(layer.moving_mean).view(1, -1, 1, 1)).mul_(
+        y = x.to(float32).subtract(value_of(layer.moving_mean).view(1, -1, 1, 1)).mul_(
             scale.view(1, -1, 1, 1))
-        return (y if beta is None else y.add_(beta.view(1, -1, 1, 1))), True
+        y = y if beta is None else y.add_(beta.view(1, -1, 1, 1))
+        return (y if dtype is float32 else y.to(dtype)), True
 
     def relu(layer, frame, keys, training):
         if isinstance(layer, layers.ReLU):
@@ -583,6 +599,8 @@ def _install_direct_calls(keras, torch, compiling, keras_conv_op, conv2d_nchw,
         x, planar = frame.either(keys[0])  # an NHWC input is averaged in Keras' layout
         if not planar or layer.data_format != "channels_last" or layer.keepdims:
             return None
+        if x.dtype is not float32:  # Keras' mean: in float32, then cast back
+            return x.mean((2, 3), dtype=float32).to(x.dtype), False
         return x.mean((2, 3)), False
 
     def keras_layout(layer, frame, keys, training):
@@ -675,9 +693,14 @@ def _install_direct_calls(keras, torch, compiling, keras_conv_op, conv2d_nchw,
         x = frame.nhwc(keys[0])
         if x.ndim != 2:
             return None
-        y = torch.matmul(x, value_of(layer.kernel))
-        if layer.bias is not None:
-            y = torch.add(y, value_of(layer.bias))
+        kernel = value_of(layer.kernel)
+        bias = None if layer.bias is None else value_of(layer.bias)
+        if x.dtype is not float32:  # mixed precision: the weights cast as Keras' scope casts
+            kernel = kernel.to(x.dtype)
+            bias = None if bias is None else bias.to(x.dtype)
+        y = torch.matmul(x, kernel)
+        if bias is not None:
+            y = torch.add(y, bias)
         if activation is softmax:
             logits, y = y, torch.softmax(y, dim=-1)
             y._keras_logits = logits  # as keras.activations.softmax leaves it
@@ -717,34 +740,71 @@ def _install_direct_calls(keras, torch, compiling, keras_conv_op, conv2d_nchw,
             return None  # several outputs: Keras' walk stores them
         return handler
 
-    def plain(layer) -> bool:
+    # the handlers that also run a layer computing in bfloat16 (Keras' mixed_bfloat16 policy):
+    # they cast its kernel and bias to bfloat16, as Keras' autocast scope does, and leave a
+    # batch norm's statistics float32, as Keras' BatchNormalization does
+    bfloat16_handlers = {conv, batch_norm, relu, add, concatenate, pool, zero_pad,
+                         global_average, dense, flatten, keras_layout}
+    compute_dtypes = {"float32": float32, "mixed_bfloat16": torch.bfloat16}
+
+    def compute_dtype(layer, handler):
+        """The torch dtype ``layer`` computes in, where its direct call covers its state (a
+        float32 layer, or a mixed_bfloat16 one that casts its weights and a handler that
+        runs it), else None."""
         policy = layer._dtype_policy
         # a plain DTypePolicy has no quantisation: its property need not be asked
-        return ((policy.name == "float32" if type(policy) is policy_type
-                 else (layer.dtype_policy.name == "float32"
-                       and getattr(layer, "quantization_mode", None) is None))
-                and layer.built
-                and layer.activity_regularizer is None
-                and not getattr(layer, "_remat_mode", None)
-                and not (layer._forward_hooks or layer._forward_pre_hooks
-                         or layer._backward_hooks or layer._backward_pre_hooks))
+        name = (policy.name if type(policy) is policy_type
+                else layer.dtype_policy.name
+                if getattr(layer, "quantization_mode", None) is None else None)
+        dtype = compute_dtypes.get(name)
+        if dtype is None or (dtype is not float32 and (
+                not layer.autocast or handler not in bfloat16_handlers)):
+            return None
+        if (not layer.built or layer.activity_regularizer is not None
+                or getattr(layer, "_remat_mode", None)
+                or layer._forward_hooks or layer._forward_pre_hooks
+                or layer._backward_hooks or layer._backward_pre_hooks):
+            return None
+        return dtype
 
-    def inputs_fit(frame, keys, integers) -> bool:
-        """Every input a plain float32 torch tensor (or, for ``integers``, an integer one)."""
-        for key in keys:
+    def inputs_fit(layer, frame, keys, integers, dtype, readers) -> bool:
+        """Every input a torch tensor of ``dtype`` (for ``integers``, an integer one may stay).
+
+        A floating-point input of another dtype is cast to ``dtype``, as ``Layer.__call__``
+        casts it, where every layer that reads it would cast it so (``readers``, for each key:
+        the layers that read it, None for a model output): the cast replaces it in the frame.
+        A mixed model's input, which Keras makes float32, is cast once for all its readers.
+        Any other goes through Keras."""
+        name = layer._dtype_policy.name
+        for key, readers_ in zip(keys, readers, strict=True):
             tensor = frame.nchw_.get(key)
-            if tensor is None:
+            planar = tensor is not None
+            if not planar:
                 tensor = frame.nhwc_[key]
-            if type(tensor) is not tensor_type or (tensor.dtype is not float32 and (
-                    not integers or tensor.dtype.is_floating_point)):
+            if type(tensor) is not tensor_type:
                 return False
+            if tensor.dtype is dtype or (integers and not tensor.dtype.is_floating_point):
+                continue
+            if readers_ is None or not tensor.dtype.is_floating_point or (
+                    len(readers_) > 1 and not all(
+                        reader.autocast and reader._dtype_policy.name == name
+                        for reader in readers_)):
+                return False
+            if frame.shifts:
+                frame.settle(key)
+                tensor = frame.nchw_[key] if planar else frame.nhwc_[key]
+            # one form, cast: the other would be the uncast tensor's
+            frame.nchw_.pop(key, None)
+            frame.nhwc_.pop(key, None)
+            (frame.nchw_ if planar else frame.nhwc_)[key] = tensor.to(dtype)
         return True
 
     def make_plan(model):
         """[(layer, handler or None, takes training?, input keys, a list argument?, arguments,
         output keys, keys read for the last time here, is the output read by one step only?,
-        is that step a batch norm, to which this convolution may leave its bias?)], or None
-        where the graph needs Keras' own walk."""
+        is that step a batch norm, to which this convolution may leave its bias?, for each
+        input the layers that read it or None for a model output)], or None where the graph
+        needs Keras' own walk."""
         known = {id(x) for x in model.inputs}
         steps = []
         for depth in sorted(model._nodes_by_depth, reverse=True):
@@ -794,27 +854,45 @@ def _install_direct_calls(keras, torch, compiling, keras_conv_op, conv2d_nchw,
         # a convolution whose one reader is a batch norm may leave its bias to it (conv)
         absorbs = [alone and step[1] is conv and steps[last_use[step[6][0]]][1] is batch_norm
                    for step, alone in zip(steps, single, strict=True)]
-        return [(*step, drop, alone, absorb)
-                for step, drop, alone, absorb in zip(steps, drops, single, absorbs, strict=True)]
+        layers_reading = collections.defaultdict(list)
+        for step in steps:
+            for key in dict.fromkeys(step[3]):
+                layers_reading[key].append(step[0])
+        reading = [tuple(None if key in kept else tuple(layers_reading[key]) for key in step[3])
+                   for step in steps]
+        return [(*step, drop, alone, absorb, readers_)
+                for step, drop, alone, absorb, readers_ in zip(steps, drops, single, absorbs,
+                                                               reading, strict=True)]
 
-    def run(model, steps, inputs, training):
+    def run(model, steps, inputs, training, scoped):
+        """The plan's steps on ``inputs``. ``scoped``: inside an autocast scope (a mixed
+        precision model's call), where a layer's own ``call`` would read its weights in the
+        scope's dtype, not in its own: layers the handlers leave go through Keras."""
         frame = Frame()
         for x, y in zip(model.inputs, inputs, strict=False):
             frame.nhwc_[id(x)] = y
         dropping = ()
         for (layer, handler, takes_training, keys, listed, arguments, outputs, drops,
-             single, absorb) in steps:
+             single, absorb, readers) in steps:
             for key in dropping:  # read for the last time by the step before
                 frame.nhwc_.pop(key, None)
                 frame.nchw_.pop(key, None)
             dropping = drops
             # the layer's state is checked on every call: a policy, a quantisation or a hook
             # can be set after the plan was made
-            if handler is not None and plain(layer) and inputs_fit(
-                    frame, keys, handler is rescaling):
+            dtype = None if handler is None else compute_dtype(layer, handler)
+            if dtype is not None and inputs_fit(layer, frame, keys, handler is rescaling, dtype,
+                                                readers):
                 frame.absorb = outputs[0] if absorb else None  # read by the conv handler
                 result = handler(layer, frame, keys, training)
-                if result is None:
+                if result is None and (scoped or dtype is not float32):
+                    tensors = [frame.nhwc(key) for key in keys]
+                    argument = tensors if listed else tensors[0]
+                    frame.moving.flush()
+                    out = (layer(argument, training=training) if takes_training
+                           else layer(argument))
+                    frame.nhwc_[outputs[0]] = out
+                elif result is None:
                     tensors = [frame.nhwc(key) for key in keys]
                     argument = tensors if listed else tensors[0]
                     out = (layer.call(argument, training=training)
@@ -848,8 +926,10 @@ def _install_direct_calls(keras, torch, compiling, keras_conv_op, conv2d_nchw,
         return keras.tree.pack_sequence_as(model._outputs_struct, outs)
 
     def functional_call(self, inputs, training=None, mask=None, **kwargs):
+        scope = get_autocast_scope()
         if (training is None or mask is not None or kwargs or compiling()
-                or in_stateless_scope() or get_autocast_scope() is not None):
+                or in_stateless_scope()
+                or (scope is not None and scope.dtype not in (None, "float32", "bfloat16"))):
             return keras_functional_call(self, inputs, training=training, mask=mask, **kwargs)
         if self not in plans:
             plans[self] = make_plan(self)
@@ -858,7 +938,7 @@ def _install_direct_calls(keras, torch, compiling, keras_conv_op, conv2d_nchw,
         if steps is None or not all(type(x) is torch.Tensor and get_keras_mask(x) is None
                                     for x in flat):
             return keras_functional_call(self, inputs, training=training, mask=mask, **kwargs)
-        return run(self, steps, flat, training)
+        return run(self, steps, flat, training, scope is not None)
 
     Functional.call = functional_call
 

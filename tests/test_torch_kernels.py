@@ -89,7 +89,9 @@ from tasks.modeling import EpochShuffledArrays, build_training_model
 from tasks.speed import apply, compile_options
 
 mode = sys.argv[1]  # fused | plain | fused+jit
-resolved = apply(SpeedParams(jit_compile=mode.endswith("jit"), fused_kernels=mode != "plain"))
+precision = sys.argv[2] if len(sys.argv) > 2 else "float32"  # not "auto": the same on any CPU
+resolved = apply(SpeedParams(jit_compile=mode.endswith("jit"), fused_kernels=mode != "plain",
+                             precision=precision))
 keras.utils.set_random_seed(0)
 net = nets.create_model("resnet20_v1")
 model = build_training_model(net, np.full((32, 32, 3), 120.0, "float32"),
@@ -507,10 +509,11 @@ def test_plain_layers_are_called_directly_and_compute_what_keras_computes() -> N
                    "MaxPooling2D": 1, "AveragePooling2D": 1, "Add": 1, "Concatenate": 1,
                    "Dropout": 1, "GlobalAveragePooling2D": 1, "Dense": 2}
     assert keras_own["train_calls"] == every_layer
-    # with a training flag, only the outer model and the layers that need Keras' bookkeeping
-    # go through Layer.__call__: the conv with an activity regulariser and the two Dense
-    # (another dtype policy, and a bfloat16 input to cast). The nested model runs its plan
-    expected = {"Functional": 1, "Conv2D": 1, "Dense": 2}
+    # with a training flag, only the outer model and the layer that needs Keras' bookkeeping
+    # go through Layer.__call__: the conv with an activity regulariser. The nested model runs
+    # its plan; the mixed_bfloat16 Dense and the float32 one after it are called directly,
+    # each input cast to the layer's dtype and each kernel to it, as Keras' call casts them
+    expected = {"Functional": 1, "Conv2D": 1}
     assert direct["train_calls"] == expected
     assert direct["inference_calls"] == expected
     assert direct["unflagged_calls"] == every_layer
@@ -736,3 +739,126 @@ def test_a_bias_left_out_for_a_batch_norm_is_added_back_where_it_does_not_cancel
     # moving statistics, and the frozen layer's gamma and beta
     assert len(fused["stats"]) == len(keras_own["stats"]) == 8
     _assert_same_gradients_and_statistics(fused, keras_own, rtol=1e-5)
+
+
+MIXED = r"""
+import collections, json
+import numpy as np, keras, torch
+from keras.src.layers.layer import Layer
+from tasks import torch_kernels
+
+calls = collections.Counter()  # which layers went through Layer.__call__
+keras_call = Layer.__call__
+def counting_call(self, *args, **kwargs):
+    calls[type(self).__name__] += 1
+    return keras_call(self, *args, **kwargs)
+Layer.__call__ = counting_call
+
+convolved = collections.Counter()  # the dtypes each convolution ran in
+keras_conv2d = torch.nn.functional.conv2d
+def conv2d(x, kernel, *args, **kwargs):
+    convolved[f"{x.dtype} {kernel.dtype}"] += 1
+    return keras_conv2d(x, kernel, *args, **kwargs)
+torch.nn.functional.conv2d = conv2d
+
+def make(policy):
+    # ResNet v1's pieces under mixed_bfloat16, with the float32 softmax head of the nets
+    keras.utils.set_random_seed(9)
+    keras.mixed_precision.set_global_policy(policy)
+    bias = {"bias_initializer": "random_normal"}
+    block_in = keras.Input((8, 8, 4))
+    a = keras.layers.Conv2D(4, 3, padding="same", **bias)(block_in)  # bias left to the BN
+    a = keras.layers.BatchNormalization(momentum=0.5, beta_initializer="random_normal")(a)
+    a = keras.layers.Activation("relu")(a)
+    a = keras.layers.Conv2D(4, 3, padding="same", **bias)(a)
+    a = keras.layers.BatchNormalization(momentum=0.5)(a)
+    # a projection shortcut whose bias an addition reads: added back, in bfloat16
+    b = keras.layers.Conv2D(4, 1, **bias)(block_in)
+    block = keras.Model(block_in, keras.layers.Activation("relu")(keras.layers.Add()([a, b])),
+                        name="block")  # nested
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Rescaling(0.5, dtype="float32")(inputs)  # float32, as the input layers
+    x = keras.layers.Conv2D(4, 3, padding="same", **bias)(x)
+    x = block(x)
+    x = keras.layers.ZeroPadding2D(((1, 0), (0, 1)))(x)
+    x = keras.layers.Conv2D(6, 3, strides=2, padding="same", activation="relu", **bias)(x)
+    x = keras.layers.MaxPooling2D(2, strides=1)(x)
+    x = keras.layers.BatchNormalization(beta_initializer="random_normal")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    outputs = keras.layers.Dense(5, activation="softmax", dtype="float32")(x)
+    model = keras.Model(inputs, outputs)  # mixed, as the training model: its call autocasts
+    keras.mixed_precision.set_global_policy("float32")
+    return model
+
+x = torch.from_numpy(np.random.default_rng(3).standard_normal((6, 8, 8, 3)).astype("float32"))
+weights = torch.linspace(-1.0, 2.0, 30).view(6, 5)
+
+def run(policy="mixed_bfloat16"):
+    model = make(policy)
+    calls.clear(), convolved.clear()
+    out = model(x, training=True)
+    train_calls, train_convolved = dict(calls), dict(convolved)
+    (out * weights).sum().backward()
+    calls.clear()
+    inference = model(x, training=False)
+    return {"out": out.detach().tolist(), "dtype": str(out.dtype),
+            "inference": inference.detach().tolist(), "inference_calls": dict(calls),
+            "train_calls": train_calls, "convolved": train_convolved,
+            "grads": [w.value.grad.tolist() for w in model.trainable_weights],
+            "grad_dtypes": sorted({str(w.value.grad.dtype) for w in model.trainable_weights}),
+            "stats": [w.numpy().tolist() for w in model.non_trainable_weights]}
+
+# the same weights and batch in float32 throughout: what either bfloat16 run approximates
+exact = run("float32")
+keras_own = run()
+installed = torch_kernels.install()
+print("RESULTS " + json.dumps({"installed": installed, "keras": keras_own, "direct": run(),
+                               "float32": exact}))
+"""
+
+
+def test_mixed_bfloat16_layers_are_called_directly_in_bfloat16() -> None:
+    results = _under_torch(MIXED)
+    assert results["installed"] is True
+    keras_own, direct = results["keras"], results["direct"]
+    # Keras' own walk calls every layer; the direct calls only the two models, the nested one
+    # through Keras' call as Keras casts a mixed model's input
+    assert sum(keras_own["train_calls"].values()) == 18
+    assert direct["train_calls"] == {"Functional": 2}
+    assert direct["inference_calls"] == {"Functional": 2}
+    # every convolution but the first ran on bfloat16 input and a bfloat16 kernel, as in
+    # Keras' walk; the first one's float32 input was cast before it, as Keras' call casts it
+    assert keras_own["convolved"] == {"torch.bfloat16 torch.bfloat16": 5}
+    assert direct["convolved"] == {"torch.bfloat16 torch.bfloat16": 5}
+    assert direct["dtype"] == keras_own["dtype"] == "torch.float32"  # the float32 head
+    assert direct["grad_dtypes"] == keras_own["grad_dtypes"] == ["torch.float32"]
+    # as close to the float32 function as Keras' own bfloat16 walk is: bfloat16 keeps 8 bits
+    # of mantissa, and both walks round in other places (a bias added or left to its batch
+    # norm, a bias gradient summed), so each is compared with float32, not with the other
+    exact = results["float32"]
+
+    def error(got, want) -> float:
+        return float(np.sqrt(np.mean(np.square(np.subtract(got, want)))))
+
+    assert error(direct["out"], exact["out"]) <= 2.5 * error(keras_own["out"], exact["out"])
+    assert error(direct["inference"], exact["inference"]) <= 2.5 * error(
+        keras_own["inference"], exact["inference"]) + 1e-4
+    assert len(direct["grads"]) == len(keras_own["grads"]) == 18  # 5 convolutions, 3 BN, Dense
+    scale = max(np.abs(grad).max() for grad in exact["grads"])
+    for index, (mine, theirs, want) in enumerate(zip(direct["grads"], keras_own["grads"],
+                                                      exact["grads"], strict=True)):
+        assert error(mine, want) <= 2.5 * error(theirs, want) + 1e-3 * scale, index
+    assert len(direct["stats"]) == len(keras_own["stats"]) == 6
+    for mine, theirs, want in zip(direct["stats"], keras_own["stats"], exact["stats"],
+                                  strict=True):
+        assert error(mine, want) <= 2.5 * error(theirs, want) + 1e-5
+
+
+def test_a_net_trains_in_mixed_bfloat16_as_keras_own_kernels_train_it() -> None:
+    fused = _under_torch(TRAINING, "fused", "mixed_bfloat16")
+    plain = _under_torch(TRAINING, "plain", "mixed_bfloat16")
+    assert fused["resolved"]["precision"] == plain["resolved"]["precision"] == "mixed_bfloat16"
+    # four Adam steps of ResNet20 v1 with augmentation, to bfloat16 rounding
+    np.testing.assert_allclose(fused["losses"], plain["losses"], rtol=2e-2)
+    assert fused["losses"][-1] < fused["losses"][0]
+    np.testing.assert_allclose(fused["probabilities"], plain["probabilities"], atol=3e-2)
