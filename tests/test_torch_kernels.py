@@ -110,7 +110,8 @@ print("RESULTS " + json.dumps({"resolved": resolved, "losses": losses,
 """
 
 
-DIRECT = r"""
+# the start of a script that counts which layers go through Layer.__call__
+COUNTING_CALLS = r"""
 import collections, json
 import numpy as np
 import keras, torch
@@ -123,6 +124,9 @@ def counting_call(self, *args, **kwargs):
     calls[type(self).__name__] += 1
     return keras_call(self, *args, **kwargs)
 Layer.__call__ = counting_call
+"""
+
+DIRECT = COUNTING_CALLS + r"""
 
 def make():
     keras.utils.set_random_seed(3)
@@ -741,18 +745,7 @@ def test_a_bias_left_out_for_a_batch_norm_is_added_back_where_it_does_not_cancel
     _assert_same_gradients_and_statistics(fused, keras_own, rtol=1e-5)
 
 
-MIXED = r"""
-import collections, json
-import numpy as np, keras, torch
-from keras.src.layers.layer import Layer
-from tasks import torch_kernels
-
-calls = collections.Counter()  # which layers went through Layer.__call__
-keras_call = Layer.__call__
-def counting_call(self, *args, **kwargs):
-    calls[type(self).__name__] += 1
-    return keras_call(self, *args, **kwargs)
-Layer.__call__ = counting_call
+MIXED = COUNTING_CALLS + r"""
 
 convolved = collections.Counter()  # the dtypes each convolution ran in
 keras_conv2d = torch.nn.functional.conv2d
