@@ -41,7 +41,7 @@ quarter slower than the same net written directly in PyTorch (docs/benchmarks.md
   to bfloat16, while a batch norm keeps float32 statistics and weights (torch's kernel takes
   a bfloat16 input with float32 weights, as Keras' layer computes in float32) and the float32
   input layers and softmax head stay float32. Keras' own walk of a mixed model ran ResNet20
-  v1 at 0.72 of PyTorch's bfloat16 autocast on a CPU with AVX512-BF16; this, at 0.96-0.97
+  v1 at 0.76 of PyTorch's bfloat16 autocast on a CPU with AVX512-BF16; this, at 0.96-1.00
   (docs/benchmarks.md). Between such layers a 4-D tensor stays in torch's NCHW
   view instead of being permuted to NHWC and back around every convolution and batch norm:
   ResNet20 v1's step records 80 fewer autograd nodes. The input layers (scaling,
