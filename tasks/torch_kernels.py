@@ -775,7 +775,6 @@ def _install_direct_calls(keras, torch, compiling, keras_conv_op, conv2d_nchw,
         the layers that read it, None for a model output): the cast replaces it in the frame.
         A mixed model's input, which Keras makes float32, is cast once for all its readers.
         Any other goes through Keras."""
-        name = layer._dtype_policy.name
         for key, readers_ in zip(keys, readers, strict=True):
             tensor = frame.nchw_.get(key)
             planar = tensor is not None
@@ -787,7 +786,7 @@ def _install_direct_calls(keras, torch, compiling, keras_conv_op, conv2d_nchw,
                 continue
             if readers_ is None or not tensor.dtype.is_floating_point or (
                     len(readers_) > 1 and not all(
-                        reader.autocast and reader._dtype_policy.name == name
+                        reader.autocast and reader._dtype_policy.name == layer._dtype_policy.name
                         for reader in readers_)):
                 return False
             if frame.shifts:
@@ -885,19 +884,17 @@ def _install_direct_calls(keras, torch, compiling, keras_conv_op, conv2d_nchw,
                                                 readers):
                 frame.absorb = outputs[0] if absorb else None  # read by the conv handler
                 result = handler(layer, frame, keys, training)
-                if result is None and (scoped or dtype is not float32):
+                if result is None:
                     tensors = [frame.nhwc(key) for key in keys]
                     argument = tensors if listed else tensors[0]
-                    frame.moving.flush()
-                    out = (layer(argument, training=training) if takes_training
-                           else layer(argument))
-                    frame.nhwc_[outputs[0]] = out
-                elif result is None:
-                    tensors = [frame.nhwc(key) for key in keys]
-                    argument = tensors if listed else tensors[0]
-                    out = (layer.call(argument, training=training)
-                           if takes_training and layer._call_has_training_arg
-                           else layer.call(argument))
+                    if scoped or dtype is not float32:  # Keras' call sets the layer's scope
+                        frame.moving.flush()
+                        out = (layer(argument, training=training) if takes_training
+                               else layer(argument))
+                    else:
+                        out = (layer.call(argument, training=training)
+                               if takes_training and layer._call_has_training_arg
+                               else layer.call(argument))
                     frame.nhwc_[outputs[0]] = out
                 else:
                     out, planar = result
