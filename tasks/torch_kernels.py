@@ -24,7 +24,10 @@ quarter slower than the same net written directly in PyTorch (docs/benchmarks.md
   but the shortcut projections), the bias is left out: the batch norm subtracts the batch
   mean, bias included, so its output is the same, its moving mean takes the bias back, and the
   bias gets its exact gradient, zero (Keras sums rounding noise there). That skips the bias
-  gradient's pass and lets torch's convolution backward run without a Python node.
+  gradient's pass and lets torch's convolution backward run without a Python node. All of a
+  call's zero gradients come from one node, and the moving means take their biases in one
+  foreach kernel. Under mixed_bfloat16 a kernel is cast straight into the channels-last
+  layout torch's convolution reads, which saved a copy of it in each pass.
 - ``BatchNormalization.call`` in training: ``torch.native_batch_norm`` on the same view, one
   kernel forward and one backward. The moving averages are updated by Keras' own formula from
   the batch mean and the biased variance the kernel returns, so they match Keras exactly.
@@ -231,11 +234,13 @@ def install() -> bool:
             return per_image.sum(0).to(grad.dtype)
         return grad.sum((0, 2, 3))
 
-    def conv2d_nchw(x, kernel, bias, strides, padding, dilation_rate):
+    def conv2d_nchw(x, kernel, bias, strides, padding, dilation_rate, oihw=False):
         """A 2-D convolution of ``x``, an NCHW view in channels-last memory, by a Keras HWIO
-        ``kernel``, the bias fused; TensorFlow's asymmetric "same" is padded first. On a CPU,
-        in training, the bias gradient is a sum (:class:`BiasedConv`)."""
-        kernel = kernel.permute(3, 2, 0, 1)  # HWIO -> OIHW
+        ``kernel`` (or, ``oihw``, one already permuted to torch's OIHW), the bias fused;
+        TensorFlow's asymmetric "same" is padded first. On a CPU, in training, the bias
+        gradient is a sum (:class:`BiasedConv`)."""
+        if not oihw:
+            kernel = kernel.permute(3, 2, 0, 1)  # HWIO -> OIHW
         pads = [(0, 0), (0, 0)]
         if padding == "same":
             pads = [compute_padding(x.shape[2 + i], kernel.shape[2 + i], strides[i],
@@ -275,16 +280,21 @@ def install() -> bool:
         a batch mean larger by ``shift`` for the moving average; and a gradient of exactly
         zero for the bias, whose sum Keras computes as rounding noise (the batch norm's input
         gradient sums to zero over each channel). That saves the bias gradient's pass over
-        the convolution's output gradient, and lets torch's own convolution backward run."""
+        the convolution's output gradient, and lets torch's own convolution backward run.
+        Given ``moving``, the moving mean takes the shift when it is flushed, and the caller
+        gives the bias its zero gradient (the direct calls: one node for all of a call's
+        biases, ``ZeroGradients``)."""
+        if moving is not None:
+            y, mean, inverse_std = torch.native_batch_norm(
+                x, gamma, beta, None, None, True, 0.0, layer.epsilon)
+            moving.add(layer, mean, inverse_std, shift)
+            return y
         if shift is not None:  # in the graph, with a gradient of zero
             beta = shift.mul(0.0) if beta is None else torch.add(beta, shift, alpha=0.0)
         y, mean, inverse_std = torch.native_batch_norm(
             x, gamma, beta, None, None, True, 0.0, layer.epsilon)
         if shift is not None:
             mean = mean + shift.detach()
-        if moving is not None:
-            moving.add(layer, mean, inverse_std)
-            return y
         with torch.no_grad():
             variance = inverse_std.pow(-2).sub_(layer.epsilon)
             momentum = layer.momentum
@@ -300,15 +310,21 @@ def install() -> bool:
         end: five foreach kernels in all instead of six small kernels a layer. Used only outside
         a stateless scope, where Keras' ``assign`` copies into the variables in place."""
 
-        __slots__ = ("layers", "means", "inverse_stds", "ids")
+        __slots__ = ("layers", "means", "inverse_stds", "ids", "shifted", "shifts")
 
         def __init__(self):
             self.layers, self.means, self.inverse_stds, self.ids = [], [], [], set()
+            self.shifted, self.shifts = [], []  # means (by index) of inputs left without a bias
 
-        def add(self, layer, mean, inverse_std):
+        def add(self, layer, mean, inverse_std, shift=None):
+            """``shift``: a bias left out of the batch norm's input, which its batch mean
+            takes back before the moving mean does (:func:`batch_norm_nchw`)."""
             if id(layer) in self.ids:  # a shared layer: its first update goes in first
                 self.flush()
             self.ids.add(id(layer))
+            if shift is not None:
+                self.shifted.append(len(self.means))
+                self.shifts.append(shift.detach())
             self.layers.append(layer)
             self.means.append(mean)
             self.inverse_stds.append(inverse_std)
@@ -325,6 +341,11 @@ def install() -> bool:
             epsilons = [float(layer.epsilon) for layer in layers]
             momenta = [float(layer.momentum) for layer in layers] * 2
             with torch.no_grad():
+                if self.shifted:  # mean + bias, as before the bias was left out; one kernel
+                    shifted = torch._foreach_add([self.means[i] for i in self.shifted],
+                                                 self.shifts)
+                    for index, mean in zip(self.shifted, shifted, strict=True):
+                        self.means[index] = mean
                 variances = torch._foreach_pow(self.inverse_stds, -2.0)
                 if epsilons.count(epsilons[0]) == len(epsilons):  # x + (-e) is x - e exactly
                     torch._foreach_add_(variances, torch.tensor(-epsilons[0]))
@@ -436,7 +457,8 @@ def _install_direct_calls(keras, torch, compiling, keras_conv_op, conv2d_nchw,
         """One call's tensors, each in Keras' NHWC, in torch's NCHW (channels-last memory), or
         both; a form is made from the other when a layer first asks for it."""
 
-        __slots__ = ("nhwc_", "nchw_", "moving", "spare", "fresh", "shifts", "absorb")
+        __slots__ = ("nhwc_", "nchw_", "moving", "spare", "fresh", "shifts", "absorb",
+                     "zeroed", "anchor")
 
         def __init__(self):
             self.nhwc_, self.nchw_ = {}, {}
@@ -449,6 +471,9 @@ def _install_direct_calls(keras, torch, compiling, keras_conv_op, conv2d_nchw,
             # cancels (:func:`batch_norm`): key -> the bias, added here for any other reader
             self.shifts = {}
             self.absorb = None  # the running step's output key, where a conv may do that
+            # the biases whose batch norms cancelled them, waiting for their zero gradient,
+            # and whether the running step is the batch norm that gives it (:func:`batch_norm`)
+            self.zeroed, self.anchor = [], False
 
         def overwritable(self, key, tensor) -> bool:
             return key in self.spare and tensor._base is None
@@ -491,6 +516,26 @@ def _install_direct_calls(keras, torch, compiling, keras_conv_op, conv2d_nchw,
                     memory_format=channels_last)
             return tensor
 
+    class ZeroGradients(torch.autograd.Function):
+        """``tensor``, copied, in a node that gives each of ``biases`` a gradient of zero.
+
+        A convolution's bias that a training batch norm cancels is left out of the
+        convolution (:func:`conv`), and its gradient is exactly zero: Keras' own graph sums
+        rounding noise there. One node for all of a call's such biases keeps them in the
+        graph, as ``torch.autograd.grad`` and the optimizer expect, where an addition of
+        ``0 * bias`` at each batch norm cost two ops forward and two backward a layer."""
+
+        @staticmethod
+        def forward(ctx, tensor, *biases):
+            ctx.biases = [(bias.shape, bias.dtype, bias.device) for bias in biases]
+            return tensor.clone()
+
+        @staticmethod
+        @torch.autograd.function.once_differentiable
+        def backward(ctx, grad):
+            return grad, *(torch.zeros(shape, dtype=dtype, device=device)
+                           for shape, dtype, device in ctx.biases)
+
     # Each handler returns (output, is it NCHW?), or None where its case is not covered; the
     # layer's own call then runs on NHWC tensors.
     def conv(layer, frame, keys, training):
@@ -506,11 +551,14 @@ def _install_direct_calls(keras, torch, compiling, keras_conv_op, conv2d_nchw,
             # all, so the bias is left out here and given to the batch norm (batch_norm_nchw)
             frame.shifts[frame.absorb] = bias
             bias = None
-        kernel = value_of(layer.kernel)
-        if x.dtype is not float32:  # mixed precision: the weights cast as Keras' scope casts
-            kernel = kernel.to(x.dtype)
+        kernel = value_of(layer.kernel).permute(3, 2, 0, 1)  # HWIO -> OIHW, a view
+        if x.dtype is not float32:  # mixed precision: the weights cast as Keras' scope casts,
+            # the kernel into the channels-last layout torch's kernels read it in: a cast
+            # that kept the permuted strides was copied again in each pass, forward and back
+            kernel = kernel.to(dtype=x.dtype, memory_format=channels_last)
             bias = None if bias is None else bias.to(x.dtype)
-        y = conv2d_nchw(x, kernel, bias, layer.strides, layer.padding, layer.dilation_rate)
+        y = conv2d_nchw(x, kernel, bias, layer.strides, layer.padding, layer.dilation_rate,
+                        oihw=True)
         frame.fresh = activation is linear  # a ReLU's backward reads its output
         return (torch.relu_(y) if activation is relu_function else y), True
 
@@ -525,6 +573,15 @@ def _install_direct_calls(keras, torch, compiling, keras_conv_op, conv2d_nchw,
         beta = value_of(layer.beta) if layer.center else None
         if training and layer.trainable:
             frame.fresh = True  # its backward reads its input and statistics only
+            if shift is not None:
+                frame.zeroed.append(shift)
+            if frame.anchor and frame.zeroed:
+                # the last batch norm to cancel a bias: its beta carries every cancelled
+                # bias's gradient, zero, in one node of the graph
+                beta = ZeroGradients.apply(
+                    x.new_zeros(x.shape[1], dtype=float32) if beta is None else beta,
+                    *frame.zeroed)
+                frame.zeroed = []
             return batch_norm_nchw(layer, x, gamma, beta, frame.moving, shift), True
         if frame.moving.holds(layer):  # a shared layer, in training earlier in this call
             frame.moving.flush()
@@ -801,9 +858,10 @@ def _install_direct_calls(keras, torch, compiling, keras_conv_op, conv2d_nchw,
     def make_plan(model):
         """[(layer, handler or None, takes training?, input keys, a list argument?, arguments,
         output keys, keys read for the last time here, is the output read by one step only?,
-        is that step a batch norm, to which this convolution may leave its bias?, for each
-        input the layers that read it or None for a model output)], or None where the graph
-        needs Keras' own walk."""
+        for a convolution: is that step a batch norm, to which it may leave its bias? and for
+        a batch norm: is it the last that may cancel such a bias?, for each input the layers
+        that read it or None for a model output)], or None where the graph needs Keras' own
+        walk."""
         known = {id(x) for x in model.inputs}
         steps = []
         for depth in sorted(model._nodes_by_depth, reverse=True):
@@ -853,6 +911,12 @@ def _install_direct_calls(keras, torch, compiling, keras_conv_op, conv2d_nchw,
         # a convolution whose one reader is a batch norm may leave its bias to it (conv)
         absorbs = [alone and step[1] is conv and steps[last_use[step[6][0]]][1] is batch_norm
                    for step, alone in zip(steps, single, strict=True)]
+        # and the last batch norm that may cancel such a bias gives all of them their zero
+        # gradient (ZeroGradients): marked in the same place
+        cancelling = [last_use[step[6][0]] for step, absorb in zip(steps, absorbs, strict=True)
+                      if absorb]
+        if cancelling:
+            absorbs[max(cancelling)] = True
         layers_reading = collections.defaultdict(list)
         for step in steps:
             for key in dict.fromkeys(step[3]):
@@ -882,7 +946,10 @@ def _install_direct_calls(keras, torch, compiling, keras_conv_op, conv2d_nchw,
             dtype = None if handler is None else compute_dtype(layer, handler)
             if dtype is not None and inputs_fit(layer, frame, keys, handler is rescaling, dtype,
                                                 readers):
-                frame.absorb = outputs[0] if absorb else None  # read by the conv handler
+                # read by the conv handler (may it leave its bias out?) and the batch norm
+                # handler (is it the one that gives the left-out biases their gradient?)
+                frame.absorb = outputs[0] if absorb else None
+                frame.anchor = absorb
                 result = handler(layer, frame, keys, training)
                 if result is None:
                     tensors = [frame.nhwc(key) for key in keys]
@@ -920,6 +987,12 @@ def _install_direct_calls(keras, torch, compiling, keras_conv_op, conv2d_nchw,
                     frame.nhwc_[key] = value
         frame.moving.flush()
         outs = [frame.nhwc(id(x)) for x in model.outputs]
+        if frame.zeroed:  # the last cancelling batch norm went through Keras: the first
+            first = outs[0]  # output carries the biases' zero gradients instead
+            outs[0] = ZeroGradients.apply(first, *frame.zeroed)
+            for name in ("_keras_logits", "_keras_mask"):
+                if hasattr(first, name):
+                    setattr(outs[0], name, getattr(first, name))
         return keras.tree.pack_sequence_as(model._outputs_struct, outs)
 
     def functional_call(self, inputs, training=None, mask=None, **kwargs):

@@ -68,6 +68,8 @@ def run():
     inference = model(x, training=False)
     return {"out": out.detach().tolist(), "inference": inference.detach().tolist(),
             "convolutions": {name: count for name, count in graph.items() if "Conv" in name},
+            "bias_nodes": {name: graph.get(name, 0) for name in (
+                "AddBackward0", "MulBackward0", "ZeroGradientsBackward")},
             "grads": [w.value.grad.tolist() for w in model.trainable_weights],
             "zero_bias_grads": [bool((w.value.grad == 0).all())
                                 for w in model.trainable_weights if w.name == "bias"],
@@ -497,6 +499,11 @@ def test_fused_layers_compute_what_keras_computes() -> None:
     # the moving means above show that the other biases reached their batch norms
     assert fused["convolutions"] == {"BiasedConvBackward": 1, "ConvolutionBackward0": 4}
     assert fused["zero_bias_grads"] == [True, True, True, False]
+    # those three zero gradients come from one node of the graph, not from an addition of
+    # zero times the bias at each batch norm (Keras adds each bias in an addition of its own)
+    assert fused["bias_nodes"] == {"AddBackward0": 0, "MulBackward0": 0,
+                                   "ZeroGradientsBackward": 1}
+    assert keras_own["bias_nodes"]["AddBackward0"] >= 4
     assert keras_own["zero_bias_grads"][3] is False
     assert keras_own["convolutions"] == {"ConvolutionBackward0": 5}
     # every conv and batch norm output stays in channels-last memory, whatever the input's
