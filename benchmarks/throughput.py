@@ -70,7 +70,7 @@ TORCH_CONFIGS = {
     "cpu": ["float32", "float32+channels_last", "float32+channels_last+inplace",
             "float32+channels_last+inplace+fused-adam",
             "float32+channels_last+inplace+fused-adam+keras-same", "bf16+channels_last",
-            "float32+channels_last+compile"],
+            "bf16+channels_last+inplace+fused-adam", "float32+channels_last+compile"],
     "gpu": ["float32", "bf16+channels_last", "bf16+channels_last+compile",
             "bf16+channels_last+compile-cudagraphs"],
 }
