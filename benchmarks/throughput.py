@@ -25,6 +25,7 @@ a 95% bootstrap interval over the paired steps, and ours against each configurat
 
 A configuration names the reference's options joined by ``+``: ``float32`` or ``bf16``,
 ``channels_last``, ``inplace`` (ReLUs and residual sums in place), ``fused-adam``, ``compile``,
+``l2`` (the Keras net's L2 penalty on the convolution kernels, as Adam's weight decay on them),
 and ``keras-same``: padded as Keras' ``padding="same"`` does, which in ResNet v1's two strided
 3x3 convolutions is not PyTorch's symmetric padding, so that the reference computes the Keras
 net's own function (benchmarks/torch_reference.py). ``bias-sum`` is not a PyTorch option: it
@@ -70,7 +71,8 @@ TORCH_CONFIGS = {
     "cpu": ["float32", "float32+channels_last", "float32+channels_last+inplace",
             "float32+channels_last+inplace+fused-adam",
             "float32+channels_last+inplace+fused-adam+keras-same", "bf16+channels_last",
-            "bf16+channels_last+inplace+fused-adam", "float32+channels_last+compile"],
+            "bf16+channels_last+inplace+fused-adam", "bf16+channels_last+inplace+fused-adam+l2",
+            "float32+channels_last+compile"],
     "gpu": ["float32", "bf16+channels_last", "bf16+channels_last+compile",
             "bf16+channels_last+compile-cudagraphs"],
 }
@@ -172,7 +174,10 @@ def reference(net: str, config: str, batch: int, images: int, device: str):
                                    else None)
     # "+fused-adam": torch's one-kernel Adam (on a CPU torch's default is a loop over the
     # weights); ours updates its float32 weights with that kernel too (speed.fused_kernels)
-    optimizer = torch.optim.Adam(model.parameters(), 1e-3, fused="fused-adam" in config or None)
+    groups = [{"params": list(model.parameters())}]
+    if "l2" in config.split("+"):  # the Keras net's L2 penalty, as a PyTorch user writes it
+        groups = l2_groups(net, model)
+    optimizer = torch.optim.Adam(groups, 1e-3, fused="fused-adam" in config or None)
     x_host, y_host = synthetic(images)
     steps = -(-images // batch)
     x_all = torch.from_numpy(x_host).to(device)
@@ -213,6 +218,34 @@ def reference(net: str, config: str, batch: int, images: int, device: str):
             yield step(x_all[rows_], y_all[rows_])
 
     return epoch_steps, parameter_count(model)
+
+
+def l2_groups(net: str, model) -> list[dict]:
+    """Adam's parameter groups that give the reference the Keras net's L2 penalty: weight
+    decay ``2 * l2`` on every convolution kernel (Adam's coupled decay adds ``wd * w`` to the
+    gradient, which is the gradient of ``l2 * sum(w ** 2)``), none on the rest. Checks that
+    the Keras net penalises as many kernels as the reference has convolutions, with one
+    factor; a net without penalties gets no decay."""
+    import keras
+    from torch import nn
+
+    import nets
+
+    factors = [variable.regularizer.get_config()["l2"]
+               for variable in nets.create_model(net, input_shape=SHAPE,
+                                                 num_classes=CLASSES).trainable_weights
+               if isinstance(variable.regularizer, keras.regularizers.L2)]
+    kernels = [module.weight for module in model.modules() if isinstance(module, nn.Conv2d)]
+    if not factors:  # a net without L2 (DenseNet-BC as the book builds it): nothing to add
+        return [{"params": list(model.parameters())}]
+    if len(set(factors)) != 1 or len(factors) != len(kernels):
+        raise SystemExit(f"error: +l2 needs one L2 factor on each of the {len(kernels)} "
+                         f"convolution kernels of {net}; the Keras net has {len(factors)} "
+                         f"penalties with factors {sorted(set(factors))}")
+    chosen = {id(kernel) for kernel in kernels}
+    return [{"params": kernels, "weight_decay": 2.0 * factors[0]},
+            {"params": [p for p in model.parameters() if id(p) not in chosen],
+             "weight_decay": 0.0}]
 
 
 def run_torch(net: str, config: str, batch: int, images: int, epochs: int) -> dict:
