@@ -154,3 +154,43 @@ def test_bias_skip_reference_computes_the_same_outputs_and_gradients() -> None:
     assert results["found"] == {"resnet20_v1": 19, "resnet110_v2": 73,
                                 "densenet_bc_100_k12": 48}
     assert max(results["worst"].values()) < 1e-10, results
+
+
+L2 = r"""
+import json
+import torch
+from torch import nn
+from benchmarks.throughput import l2_groups
+from benchmarks.torch_reference import build
+
+x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+labels = torch.tensor([0, 1, 2, 3])
+weights = {}
+for decayed in (True, False):
+    torch.manual_seed(0)
+    model = build("resnet20_v1", 10)
+    kernels = [m.weight for m in model.modules() if isinstance(m, nn.Conv2d)]
+    groups = l2_groups("resnet20_v1", model) if decayed else [{"params": model.parameters()}]
+    optimizer = torch.optim.SGD(groups, 0.1)  # SGD: the update is the gradient itself
+    loss = nn.functional.cross_entropy(model(x), labels)
+    if not decayed:  # the Keras net's penalty, 1e-4 * sum(w ** 2) on every kernel, in the loss
+        loss = loss + sum(1e-4 * kernel.square().sum() for kernel in kernels)
+    loss.backward()
+    optimizer.step()
+    weights[str(decayed)] = [p.detach().clone() for p in model.parameters()]
+    if decayed:
+        decays = sorted(group["weight_decay"] for group in optimizer.param_groups)
+worst = max(float((a - b).abs().max()) for a, b in zip(weights["True"], weights["False"],
+                                                        strict=True))
+print("RESULTS " + json.dumps({"worst": worst, "decays": decays, "kernels": len(kernels)}))
+"""
+
+
+def test_l2_reference_decays_the_kernels_as_the_keras_nets_penalty() -> None:
+    pytest.importorskip("torch", reason="install the benchmark extra (torch)")
+    results = _under_torch(L2)
+    # weight decay 2 * 1e-4 on the 21 kernels, none on the rest: one SGD step moves every
+    # weight as the penalty in the loss does, to float32 rounding
+    assert results["kernels"] == 21
+    assert results["decays"] == [0.0, 2e-4]
+    assert results["worst"] < 1e-6, results
