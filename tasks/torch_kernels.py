@@ -275,26 +275,19 @@ def install() -> bool:
         follow Keras' formula with the batch's biased variance, now or, given ``moving``
         (a :class:`MovingAverages`), when it is flushed.
 
-        ``shift``, a convolution's bias that was left out of ``x``, is what the batch norm of
-        ``x + shift`` computes: the same output, since the batch mean takes the bias with it;
-        a batch mean larger by ``shift`` for the moving average; and a gradient of exactly
-        zero for the bias, whose sum Keras computes as rounding noise (the batch norm's input
-        gradient sums to zero over each channel). That saves the bias gradient's pass over
-        the convolution's output gradient, and lets torch's own convolution backward run.
-        Given ``moving``, the moving mean takes the shift when it is flushed, and the caller
-        gives the bias its zero gradient (the direct calls: one node for all of a call's
-        biases, ``ZeroGradients``)."""
-        if moving is not None:
-            y, mean, inverse_std = torch.native_batch_norm(
-                x, gamma, beta, None, None, True, 0.0, layer.epsilon)
-            moving.add(layer, mean, inverse_std, shift)
-            return y
-        if shift is not None:  # in the graph, with a gradient of zero
-            beta = shift.mul(0.0) if beta is None else torch.add(beta, shift, alpha=0.0)
+        ``shift`` (with ``moving`` only), a convolution's bias that was left out of ``x``, is
+        what the batch norm of ``x + shift`` computes: the same output, since the batch mean
+        takes the bias with it, and a batch mean larger by ``shift``, which the moving mean
+        takes when it is flushed. The bias's gradient is exactly zero (Keras sums rounding
+        noise there: the batch norm's input gradient sums to zero over each channel); the
+        caller gives it, one node for all of a call's biases (``ZeroGradients``). That saves
+        the bias gradient's pass over the convolution's output gradient, and lets torch's own
+        convolution backward run."""
         y, mean, inverse_std = torch.native_batch_norm(
             x, gamma, beta, None, None, True, 0.0, layer.epsilon)
-        if shift is not None:
-            mean = mean + shift.detach()
+        if moving is not None:
+            moving.add(layer, mean, inverse_std, shift)
+            return y
         with torch.no_grad():
             variance = inverse_std.pow(-2).sub_(layer.epsilon)
             momentum = layer.momentum
