@@ -17,9 +17,12 @@ quarter slower than the same net written directly in PyTorch (docs/benchmarks.md
   whose memory is not NHWC (an augmented batch can be a strided view) is copied to it once:
   from a strided input torch picks its NCHW kernels, and every later layer then follows in
   that layout, which cost about a tenth of ResNet20 v1's step. Every other case goes to
-  Keras' own code. In training on a CPU the bias gradient is the sum of the output gradient
-  (``BiasedConv``): torch's backward has oneDNN compute it with the kernel's gradient, which
-  for ResNet20 v1's 16-channel layers took a third of their backward pass. Where a batch norm
+  Keras' own code. In float32 training on a CPU the bias gradient is the sum of the output
+  gradient (``BiasedConv``): torch's backward has oneDNN compute it with the kernel's
+  gradient, which on an AVX2 CPU took a third of the backward pass of ResNet20 v1's
+  16-channel layers. In bfloat16 oneDNN's own is the faster, by 0.2-0.4 ms a layer at batch
+  128 on an AVX512-BF16 CPU (``benchmarks/conv_backward.py --dtype bfloat16``), and it is
+  kept. Where a batch norm
   in training is the only reader of a convolution's output (in ResNet v1, every convolution
   but the shortcut projections), the bias is left out: the batch norm subtracts the batch
   mean, bias included, so its output is the same, its moving mean takes the bias back, and the
@@ -62,6 +65,8 @@ quarter slower than the same net written directly in PyTorch (docs/benchmarks.md
   for that loss in Keras' order, without ``CompileLoss``, ``Loss.__call__`` and the reduction's
   wrappers: the same loss and gradients bit for bit, 0.5 ms less at batch 2. Sample weights,
   loss objects and other losses go through Keras.
+- The training step lists the model's trainable weights once, where Keras' torch step walks
+  every layer for them three times (about 0.4 ms a ResNet20 v1 step on this kind of CPU).
 - Adam's and AdamW's update of float32 weights on a CPU runs in torch's fused Adam kernel, one
   pass over each weight instead of ten foreach ops, with epsilon rescaled so that the update is
   Keras' formula: about 3 ms less a step at batch 2 on one thread.
@@ -193,10 +198,12 @@ def install() -> bool:
         """``conv2d(x, kernel, bias)`` whose bias gradient is the output gradient's sum.
 
         On a CPU, torch's convolution backward asks oneDNN for the bias gradient along with
-        the kernel's, and that fused reduction is slow: at batch 128, for a 16-channel 3x3
-        layer at 32x32, the backward took 12.0 ms with it and 8.0 ms without, where summing
-        the 8 MB output gradient takes 0.3 ms (docs/benchmarks.md). The forward pass is
-        torch's own, bias fused; the backward asks for the input and kernel gradients alone."""
+        the kernel's, and in float32 on an AVX2 CPU that fused reduction was slow: at batch
+        128, for a 16-channel 3x3 layer at 32x32, the backward took 12.0 ms with it and 8.0 ms
+        without, where summing the 8 MB output gradient takes 0.3 ms (docs/benchmarks.md).
+        The forward pass is torch's own, bias fused; the backward asks for the input and
+        kernel gradients alone. Used for float32 only: in bfloat16 oneDNN's fused reduction
+        is the faster (``benchmarks/conv_backward.py --dtype bfloat16``)."""
 
         @staticmethod
         def forward(ctx, x, kernel, bias, stride, padding, dilation, groups):
@@ -227,18 +234,14 @@ def install() -> bool:
         against 0.31 ms for a 128 x 16 x 32 x 32 gradient; docs/benchmarks.md)."""
         if grad.dim() == 4 and grad.is_contiguous(memory_format=torch.channels_last):
             n, c = grad.shape[:2]
-            # per-image sums of a bfloat16 or float16 gradient stay float32, so that the
-            # result is rounded once, as torch's own sum rounds it
-            wide = torch.float32 if grad.dtype in (torch.bfloat16, torch.float16) else grad.dtype
-            per_image = grad.permute(0, 2, 3, 1).reshape(n, -1, c).sum(1, dtype=wide)
-            return per_image.sum(0).to(grad.dtype)
+            return grad.permute(0, 2, 3, 1).reshape(n, -1, c).sum(1).sum(0)
         return grad.sum((0, 2, 3))
 
     def conv2d_nchw(x, kernel, bias, strides, padding, dilation_rate, oihw=False):
         """A 2-D convolution of ``x``, an NCHW view in channels-last memory, by a Keras HWIO
         ``kernel`` (or, ``oihw``, one already permuted to torch's OIHW), the bias fused;
-        TensorFlow's asymmetric "same" is padded first. On a CPU, in training, the bias
-        gradient is a sum (:class:`BiasedConv`)."""
+        TensorFlow's asymmetric "same" is padded first. On a CPU, in float32 training, the
+        bias gradient is a sum (:class:`BiasedConv`)."""
         if not oihw:
             kernel = kernel.permute(3, 2, 0, 1)  # HWIO -> OIHW
         pads = [(0, 0), (0, 0)]
@@ -253,7 +256,8 @@ def install() -> bool:
         # (under torch.autocast the forward would run in another dtype than it saves; Keras'
         # mixed precision casts the tensors instead, and takes this path)
         if (bias is not None and bias.requires_grad and x.device.type == "cpu"
-                and torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")):
+                and x.dtype is torch.float32 and torch.is_grad_enabled()
+                and not torch.is_autocast_enabled("cpu")):
             return BiasedConv.apply(x, kernel, bias, tuple(strides), (top, left),
                                     tuple(dilation_rate), groups)
         return torch.nn.functional.conv2d(x, kernel, bias, stride=strides, padding=(top, left),
@@ -391,8 +395,13 @@ def install() -> bool:
     BatchNormalization.call = call
     _install_direct_calls(keras, torch, compiling, keras_conv_op, conv2d_nchw,
                           batch_norm_nchw, MovingAverages, value_of)
-    _install_loss_terms(keras, torch, compiling, in_stateless_scope, value_of)
+    import weakref
+
+    # a model's trainable weights during its training step, listed once for the step
+    step_weights: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+    _install_loss_terms(keras, torch, compiling, in_stateless_scope, value_of, step_weights)
     _install_fused_adam(keras, torch, compiling, value_of)
+    _install_train_step(keras, torch, compiling, in_stateless_scope, step_weights)
     _installed = True
     return True
 
@@ -1006,7 +1015,8 @@ def _install_direct_calls(keras, torch, compiling, keras_conv_op, conv2d_nchw,
     Functional.call = functional_call
 
 
-def _install_loss_terms(keras, torch, compiling, in_stateless_scope, value_of) -> None:
+def _install_loss_terms(keras, torch, compiling, in_stateless_scope, value_of,
+                        step_weights) -> None:
     """Compute the weights' L2 penalties together, and leave scalar losses as they are.
 
     The book's nets put an L2 penalty on every kernel: ResNet20 v1 has 21. Keras computes each
@@ -1052,7 +1062,8 @@ def _install_loss_terms(keras, torch, compiling, in_stateless_scope, value_of) -
         if compiling() or in_stateless_scope() or get_autocast_scope() is not None:
             return keras_regularization_losses(self)
         losses, groups = [], {}
-        for variable in self.trainable_weights:
+        weights = step_weights.get(self)  # the training step's list (_install_train_step)
+        for variable in self.trainable_weights if weights is None else weights:
             regularizer = variable.regularizer
             if regularizer is None:
                 continue
@@ -1198,3 +1209,51 @@ def _install_fused_adam(keras, torch, compiling, value_of) -> None:
               eps=float(self.epsilon) / correction, amsgrad=False, maximize=False)
 
     Adam._parallel_update_step = parallel_update_step
+
+
+def _install_train_step(keras, torch, compiling, in_stateless_scope, step_weights) -> None:
+    """Keras' torch ``train_step``, listing the model's trainable weights once a step.
+
+    Keras' step asks ``model.trainable_weights`` three times (for the regularisers, to see
+    whether there are any, and for the gradients), and each walks every layer: 79 for
+    ResNet20 v1's training model. Here the step lists them once, after the forward pass as
+    Keras first does, and the regularisers read that list. Everything else is Keras' step, in
+    its order. Under torch.compile and in a stateless scope Keras' own step runs.
+    """
+    try:
+        from keras.src import tree
+        from keras.src.backend.torch.trainer import TorchTrainer
+        from keras.src.trainers.data_adapters.data_adapter_utils import (
+            unpack_x_y_sample_weight,
+        )
+    except ImportError as error:
+        _laid_out_differently(keras, error, "the training step runs as usual.")
+        return
+    keras_train_step = TorchTrainer.train_step
+
+    def train_step(self, data):
+        if compiling() or in_stateless_scope():
+            return keras_train_step(self, data)
+        x, y, sample_weight = unpack_x_y_sample_weight(data)
+        y_pred = self(x, training=True) if self._call_has_training_arg else self(x)
+        self.zero_grad()  # the gradients left from the step before
+        weights = self.trainable_weights
+        step_weights[self] = weights
+        try:
+            loss = self._compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight,
+                                      training=True)
+        finally:
+            step_weights.pop(self, None)
+        self._loss_tracker.update_state(
+            loss, sample_weight=next(i for i in tree.flatten(x) if i is not None).shape[0])
+        if self.optimizer is not None:
+            loss = self.optimizer.scale_loss(loss)
+        if weights:
+            loss.backward()
+            with torch.no_grad():
+                self.optimizer.apply([v.value.grad for v in weights], weights[:])
+        else:
+            warnings.warn("The model does not have any trainable weights.", stacklevel=2)
+        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+    TorchTrainer.train_step = train_step

@@ -339,6 +339,57 @@ print("RESULTS " + json.dumps({"installed": installed, "keras": keras_own, "fuse
 """
 
 
+TRAIN_STEP = r"""
+import json
+import numpy as np, keras, torch
+from keras.src.backend.torch.trainer import TorchTrainer
+from keras.src.layers.layer import Layer
+from tasks import torch_kernels
+
+keras_step = TorchTrainer.train_step
+assert torch_kernels.install()
+walks = []
+listing = Layer.trainable_weights.fget
+
+def counted(self):
+    walks.append(self.name)
+    return listing(self)
+
+Layer.trainable_weights = property(counted)
+
+def train(step):
+    # L2 penalties on two kernels, a frozen layer and a metric: every part of Keras' step
+    keras.utils.set_random_seed(3)
+    l2 = keras.regularizers.L2(1e-2)
+    inputs = keras.Input((4, 4, 2))
+    x = keras.layers.Conv2D(3, 3, padding="same", kernel_regularizer=l2)(inputs)
+    x = keras.layers.BatchNormalization()(x)
+    frozen = keras.layers.Dense(3)
+    frozen.trainable = False
+    x = frozen(keras.layers.Flatten()(x))
+    outputs = keras.layers.Dense(2, activation="softmax", kernel_regularizer=l2)(x)
+    model = keras.Model(inputs, outputs, name="net")
+    model.compile(optimizer=keras.optimizers.Adam(0.05), loss="sparse_categorical_crossentropy",
+                  metrics=["accuracy"])
+    type(model).train_step = step
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((12, 4, 4, 2)).astype("float32")
+    y = rng.integers(0, 2, 12)
+    walks.clear()
+    history = model.fit(x, y, batch_size=4, epochs=2, verbose=0, shuffle=False)
+    return {"weights": [w.tolist() for w in model.get_weights()],
+            "history": history.history, "model_walks": walks.count("net")}
+
+try:
+    fused = train(torch_kernels_step := TorchTrainer.train_step)
+    keras_own = train(keras_step)
+finally:
+    TorchTrainer.train_step = torch_kernels_step
+print("RESULTS " + json.dumps({"fused": fused, "keras": keras_own,
+                               "replaced": torch_kernels_step is not keras_step}))
+"""
+
+
 LOSS = r"""
 import json
 import numpy as np
@@ -637,6 +688,19 @@ def test_sparse_crossentropy_loss_is_keras_own_bit_for_bit() -> None:
         assert mine["grads"] == theirs["grads"], name
 
 
+def test_the_training_step_lists_the_trainable_weights_once_and_trains_as_keras_step() -> None:
+    results = _under_torch(TRAIN_STEP)
+    assert results["replaced"] is True
+    fused, keras_own = results["fused"], results["keras"]
+    # six steps: Keras' step walks the model's layers for its trainable weights three times
+    # a step (regularisers, the check for any, the gradients), ours once, plus fit's own
+    # calls around the steps, which both make
+    assert keras_own["model_walks"] - fused["model_walks"] == 2 * 6
+    # the same losses, metrics and weights, bit for bit, the frozen layer's untouched
+    assert fused["history"] == keras_own["history"]
+    assert fused["weights"] == keras_own["weights"]
+
+
 def test_strided_padding_reuses_its_buffer_and_computes_what_keras_computes() -> None:
     results = _under_torch(PADDING)
     assert results["installed"] is True
@@ -686,13 +750,13 @@ print("RESULTS " + json.dumps({"keras": keras_own, "fused": run()}))
 """
 
 
-def test_bfloat16_bias_gradients_are_rounded_once_as_keras_rounds_them() -> None:
-    # under mixed_bfloat16 the bias gradient is a bfloat16 sum: the per-image sums stay
-    # float32, so that it is rounded once. Rounded per image as well, one of this net's biases
-    # came out one bfloat16 step (0.03125) away from Keras' own
+def test_bfloat16_convolutions_keep_torchs_bias_gradient_and_match_keras_bit_for_bit() -> None:
+    # under mixed_bfloat16 the bias gradient is oneDNN's, fused into torch's convolution
+    # backward (faster than BiasedConv's sum in bfloat16), and it rounds as Keras' separate
+    # bias addition does: every gradient the same bits
     results = _under_torch(BFLOAT16)
     assert results["keras"]["last_conv"] == "ConvolutionBackward0"
-    assert results["fused"]["last_conv"] == "BiasedConvBackward"
+    assert results["fused"]["last_conv"] == "ConvolutionBackward0"
     assert results["fused"]["out"] == results["keras"]["out"]
     assert results["fused"]["grads"] == results["keras"]["grads"]
 
