@@ -30,7 +30,8 @@ quarter slower than the same net written directly in PyTorch (docs/benchmarks.md
   gradient's pass and lets torch's convolution backward run without a Python node. All of a
   call's zero gradients come from one node, and the moving means take their biases in one
   foreach kernel. Under mixed_bfloat16 a kernel is cast straight into the channels-last
-  layout torch's convolution reads, which saved a copy of it in each pass.
+  layout torch's convolution reads, which saved a copy of it in each pass, and a functional
+  model's kernels are cast together, in one autograd node (``CastKernels``).
 - ``BatchNormalization.call`` in training: ``torch.native_batch_norm`` on the same view, one
   kernel forward and one backward. The moving averages are updated by Keras' own formula from
   the batch mean and the biased variance the kernel returns, so they match Keras exactly.
@@ -65,6 +66,9 @@ quarter slower than the same net written directly in PyTorch (docs/benchmarks.md
   for that loss in Keras' order, without ``CompileLoss``, ``Loss.__call__`` and the reduction's
   wrappers: the same loss and gradients bit for bit, 0.5 ms less at batch 2. Sample weights,
   loss objects and other losses go through Keras.
+- A seeded random draw (the augmentation layers' flips and shifts, three a step) seeds its
+  torch generator from the ``SeedGenerator``'s state and advances it in place, as Keras does,
+  without Keras' dozen small tensor ops and conversions around that: the same numbers.
 - The training step lists the model's trainable weights once, where Keras' torch step walks
   every layer for them three times (about 0.4 ms a ResNet20 v1 step on this kind of CPU).
 - Adam's and AdamW's update of float32 weights on a CPU runs in torch's fused Adam kernel, one
@@ -402,6 +406,7 @@ def install() -> bool:
     _install_loss_terms(keras, torch, compiling, in_stateless_scope, value_of, step_weights)
     _install_fused_adam(keras, torch, compiling, value_of)
     _install_train_step(keras, torch, compiling, in_stateless_scope, step_weights)
+    _install_seed_draws(keras, torch, compiling, in_stateless_scope)
     _installed = True
     return True
 
@@ -447,6 +452,7 @@ def _install_direct_calls(keras, torch, compiling, keras_conv_op, conv2d_nchw,
     keras_functional_call = Functional.call
     dense_call, softmax = keras.layers.Dense.call, keras.activations.softmax
     tensor_type = torch.Tensor
+    tensor_types = (torch.Tensor, torch.nn.Parameter)
     policy_type = type(keras.dtype_policies.get("float32"))
     functional = torch.nn.functional
     layers = keras.layers
@@ -460,9 +466,9 @@ def _install_direct_calls(keras, torch, compiling, keras_conv_op, conv2d_nchw,
         both; a form is made from the other when a layer first asks for it."""
 
         __slots__ = ("nhwc_", "nchw_", "moving", "spare", "fresh", "shifts", "absorb",
-                     "zeroed", "anchor")
+                     "zeroed", "anchor", "steps", "kernels")
 
-        def __init__(self):
+        def __init__(self, steps=()):
             self.nhwc_, self.nchw_ = {}, {}
             self.moving = MovingAverages()  # the batch norms' updates, applied at the end
             # the tensors the running layer may overwrite: made in this call by an op whose
@@ -476,6 +482,9 @@ def _install_direct_calls(keras, torch, compiling, keras_conv_op, conv2d_nchw,
             # the biases whose batch norms cancelled them, waiting for their zero gradient,
             # and whether the running step is the batch norm that gives it (:func:`batch_norm`)
             self.zeroed, self.anchor = [], False
+            # the plan's steps, and its convolutions' kernels cast for mixed precision, by
+            # id(layer): cast together at the first convolution that asks (:func:`cast_kernel`)
+            self.steps, self.kernels = steps, None
 
         def overwritable(self, key, tensor) -> bool:
             return key in self.spare and tensor._base is None
@@ -538,6 +547,47 @@ def _install_direct_calls(keras, torch, compiling, keras_conv_op, conv2d_nchw,
             return grad, *(torch.zeros(shape, dtype=dtype, device=device)
                            for shape, dtype, device in ctx.biases)
 
+    class CastKernels(torch.autograd.Function):
+        """Keras HWIO kernels as torch's OIHW in channels-last memory and ``dtype``, all in one
+        node of the graph: a permutation and a cast each, as Keras' autocast scope casts a mixed
+        layer's kernel, where each kernel's own ``permute`` and ``to`` recorded two nodes
+        (about 24 us a convolution on this kind of CPU, ResNet20 v1 has 21). The backward
+        is theirs: each gradient cast back to the kernel's dtype and permuted back."""
+
+        @staticmethod
+        def forward(ctx, dtype, *kernels):
+            ctx.set_materialize_grads(False)  # a kernel its convolution did not read: None
+            ctx.dtypes = [kernel.dtype for kernel in kernels]
+            return tuple(kernel.permute(3, 2, 0, 1).to(dtype=dtype, memory_format=channels_last)
+                         for kernel in kernels)
+
+        @staticmethod
+        @torch.autograd.function.once_differentiable
+        def backward(ctx, *grads):
+            return None, *(None if grad is None else grad.to(dtype).permute(2, 3, 1, 0)
+                           for grad, dtype in zip(grads, ctx.dtypes, strict=True))
+
+    def cast_kernel(layer, frame, dtype):
+        """``layer``'s kernel in torch's OIHW, channels-last and ``dtype``. The first call of a
+        forward pass casts the float32 kernels of all the plan's convolutions that compute in
+        ``dtype`` (:class:`CastKernels`); a kernel outside that set is cast alone."""
+        kernels = frame.kernels
+        if kernels is None:
+            chosen = {id(step[0]): step[0] for step in frame.steps
+                      if step[1] is conv and compute_dtype(step[0], conv) is dtype}
+            values = [value_of(layer_.kernel) for layer_ in chosen.values()]
+            chosen = [key for key, value in zip(chosen, values, strict=True)
+                      if type(value) in tensor_types and value.dtype is float32 and value.ndim == 4]
+            values = [value for value in values
+                      if type(value) in tensor_types and value.dtype is float32 and value.ndim == 4]
+            kernels = frame.kernels = (dict(zip(chosen, CastKernels.apply(dtype, *values),
+                                                strict=True)) if values else {})
+        kernel = kernels.get(id(layer))
+        if kernel is None or kernel.dtype is not dtype:
+            kernel = value_of(layer.kernel).permute(3, 2, 0, 1).to(
+                dtype=dtype, memory_format=channels_last)
+        return kernel
+
     # Each handler returns (output, is it NCHW?), or None where its case is not covered; the
     # layer's own call then runs on NHWC tensors.
     def conv(layer, frame, keys, training):
@@ -553,12 +603,13 @@ def _install_direct_calls(keras, torch, compiling, keras_conv_op, conv2d_nchw,
             # all, so the bias is left out here and given to the batch norm (batch_norm_nchw)
             frame.shifts[frame.absorb] = bias
             bias = None
-        kernel = value_of(layer.kernel).permute(3, 2, 0, 1)  # HWIO -> OIHW, a view
         if x.dtype is not float32:  # mixed precision: the weights cast as Keras' scope casts,
             # the kernel into the channels-last layout torch's kernels read it in: a cast
             # that kept the permuted strides was copied again in each pass, forward and back
-            kernel = kernel.to(dtype=x.dtype, memory_format=channels_last)
+            kernel = cast_kernel(layer, frame, x.dtype)
             bias = None if bias is None else bias.to(x.dtype)
+        else:
+            kernel = value_of(layer.kernel).permute(3, 2, 0, 1)  # HWIO -> OIHW, a view
         y = conv2d_nchw(x, kernel, bias, layer.strides, layer.padding, layer.dilation_rate,
                         oihw=True)
         frame.fresh = activation is linear  # a ReLU's backward reads its output
@@ -933,7 +984,7 @@ def _install_direct_calls(keras, torch, compiling, keras_conv_op, conv2d_nchw,
         """The plan's steps on ``inputs``. ``scoped``: inside an autocast scope (a mixed
         precision model's call), where a layer's own ``call`` would read its weights in the
         scope's dtype, not in its own: layers the handlers leave go through Keras."""
-        frame = Frame()
+        frame = Frame(steps)
         for x, y in zip(model.inputs, inputs, strict=False):
             frame.nhwc_[id(x)] = y
         dropping = ()
@@ -1257,3 +1308,48 @@ def _install_train_step(keras, torch, compiling, in_stateless_scope, step_weight
         return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
     TorchTrainer.train_step = train_step
+
+
+def _install_seed_draws(keras, torch, compiling, in_stateless_scope) -> None:
+    """Keras' torch ``torch_seed_generator`` for a ``SeedGenerator`` on the CPU, in two ops.
+
+    Each seeded draw (``keras.random.uniform``, ``randint``, ``normal``... with
+    ``seed=SeedGenerator``) asks Keras' ``SeedGenerator.next``: a copy of the state, a NumPy
+    increment converted to a tensor, an addition and an ``assign`` through Keras' variable
+    checks, then an addition of the two seeds and ``int``. Here the state is read once, and the
+    increment ``[0, 1]`` is added to it in place in its int32 (which is what Keras' ``assign``
+    does: it copies into the variable); the generator gets the same seed,
+    ``(first + second) & 0xFFFFFFFF``. Any other seed, a stateless scope (where the new state
+    is collected, not written), torch.compile and other devices go through Keras.
+    """
+    try:
+        from keras.src import backend as keras_backend
+        from keras.src.backend.torch import random as torch_random
+        from keras.src.backend.torch.core import get_device
+        from keras.src.random.seed_generator import SeedGenerator
+    except ImportError as error:
+        _laid_out_differently(keras, error, "random draws are seeded as usual.")
+        return
+    keras_seed_generator = getattr(torch_random, "torch_seed_generator", None)
+    if keras_seed_generator is None:
+        _laid_out_differently(keras, "no torch_seed_generator", "random draws are seeded as "
+                              "usual.")
+        return
+    tensor_types, int32 = (torch.Tensor, torch.nn.Parameter), torch.int32
+    increment = torch.tensor([0, 1], dtype=int32)
+
+    def seed_generator(seed):
+        state = getattr(getattr(seed, "state", None), "_value", None)
+        if (type(seed) is not SeedGenerator or seed.backend is not keras_backend
+                or type(state) not in tensor_types or state.dtype is not int32
+                or state.shape != (2,) or not state.is_cpu or get_device() != "cpu"
+                or compiling() or in_stateless_scope()):
+            return keras_seed_generator(seed)
+        first, second = state.tolist()
+        with torch.no_grad():
+            state.add_(increment)
+        generator = torch.Generator(device="cpu")
+        generator.manual_seed((first + second) & 0xFFFFFFFF)
+        return generator
+
+    torch_random.torch_seed_generator = seed_generator

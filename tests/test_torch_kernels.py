@@ -390,6 +390,43 @@ print("RESULTS " + json.dumps({"fused": fused, "keras": keras_own,
 """
 
 
+SEEDS = r"""
+import json
+import keras, torch
+from keras.src.random.seed_generator import SeedGenerator
+from tasks import torch_kernels
+
+calls = []
+keras_next = SeedGenerator.next
+
+def counted(self, ordered=True):
+    calls.append(self.name)
+    return keras_next(self, ordered)
+
+SeedGenerator.next = counted
+
+def draws():
+    calls.clear()
+    seeds = [SeedGenerator(7, name="a"), SeedGenerator(2**31 - 1, name="b")]
+    out = []
+    for seed in seeds:
+        for _ in range(3):  # the flip's, then the two shifts' draws of a training step
+            out.append(keras.random.uniform((4, 1, 1, 1), seed=seed).tolist())
+            out.append(keras.random.randint((3,), 0, 9, seed=seed).tolist())
+            out.append(keras.random.normal((2,), seed=seed).tolist())
+    # in a stateless scope the new state is collected, not written
+    with keras.StatelessScope() as scope:
+        out.append(keras.random.randint((3,), 0, 9, seed=seeds[0]).tolist())
+        collected = scope.get_current_value(seeds[0].state).tolist()
+    return {"draws": out, "states": [seed.state.value.tolist() for seed in seeds],
+            "collected": collected, "keras_calls": len(calls)}
+
+keras_own = draws()
+torch_kernels.install()
+print("RESULTS " + json.dumps({"keras": keras_own, "fused": draws()}))
+"""
+
+
 LOSS = r"""
 import json
 import numpy as np
@@ -701,6 +738,19 @@ def test_the_training_step_lists_the_trainable_weights_once_and_trains_as_keras_
     assert fused["weights"] == keras_own["weights"]
 
 
+def test_seeded_draws_give_keras_numbers_and_advance_the_state_as_keras_does() -> None:
+    results = _under_torch(SEEDS)
+    keras_own, fused = results["keras"], results["fused"]
+    # 18 draws from two generators (one whose counter sum passes 2**31), then one in a
+    # stateless scope: Keras' own SeedGenerator.next ran for all 19 before, and only for the
+    # one in the scope after
+    assert keras_own["keras_calls"] == 19
+    assert fused["keras_calls"] == 1
+    assert fused["draws"] == keras_own["draws"]
+    assert fused["states"] == keras_own["states"] == [[7, 9], [2**31 - 1, 9]]
+    assert fused["collected"] == keras_own["collected"] == [7, 10]
+
+
 def test_strided_padding_reuses_its_buffer_and_computes_what_keras_computes() -> None:
     results = _under_torch(PADDING)
     assert results["installed"] is True
@@ -741,7 +791,16 @@ def run():
     node = out.grad_fn
     while node is not None and "Conv" not in type(node).__name__:
         node = node.next_functions[0][0]
+    nodes, stack, seen = [], [out.grad_fn], set()
+    while stack:
+        step = stack.pop()
+        if step is None or step in seen:
+            continue
+        seen.add(step)
+        nodes.append(type(step).__name__)
+        stack.extend(f for f, _ in step.next_functions)
     return {"out": out.float().tolist(), "last_conv": type(node).__name__,
+            "casts": sorted(n for n in nodes if "Cast" in n or "ToCopy" in n or "Permute" in n),
             "grads": [w.value.grad.float().tolist() for w in model.trainable_weights]}
 
 keras_own = run()
@@ -757,6 +816,12 @@ def test_bfloat16_convolutions_keep_torchs_bias_gradient_and_match_keras_bit_for
     results = _under_torch(BFLOAT16)
     assert results["keras"]["last_conv"] == "ConvolutionBackward0"
     assert results["fused"]["last_conv"] == "ConvolutionBackward0"
+    # Keras casts and permutes each kernel (two nodes a convolution); the direct calls cast
+    # both kernels in one node. Both cast each bias; the one permutation left is the output's,
+    # back to Keras' layout for the Flatten
+    assert results["keras"]["casts"].count("PermuteBackward0") == 5
+    assert results["fused"]["casts"] == ["CastKernelsBackward", "PermuteBackward0",
+                                         "ToCopyBackward0", "ToCopyBackward0"]
     assert results["fused"]["out"] == results["keras"]["out"]
     assert results["fused"]["grads"] == results["keras"]["grads"]
 
