@@ -53,7 +53,8 @@ quarter slower than the same net written directly in PyTorch (docs/benchmarks.md
   view instead of being permuted to NHWC and back around every convolution and batch norm:
   ResNet20 v1's step records 80 fewer autograd nodes. The input layers (scaling,
   normalisation, flips and ``tasks.modeling.RandomShift``) and a nested functional model are
-  called the same way, and the batch norms' moving averages are updated together at the end of
+  called the same way (the nested model without its ``Layer.__call__`` where that call adds
+  nothing), and the batch norms' moving averages are updated together at the end of
   the call (a handful of foreach kernels instead of six small kernels a layer). Each tensor is
   dropped after its last reader, and a batch norm's, a convolution's or a sum's output that one
   layer alone reads is overwritten by it (a ReLU in place, a residual sum into one addend), as
@@ -405,7 +406,7 @@ def install() -> bool:
     step_weights: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
     _install_loss_terms(keras, torch, compiling, in_stateless_scope, value_of, step_weights)
     _install_fused_adam(keras, torch, compiling, value_of)
-    _install_train_step(keras, torch, compiling, in_stateless_scope, step_weights)
+    _install_train_step(keras, torch, compiling, in_stateless_scope, value_of, step_weights)
     _install_seed_draws(keras, torch, compiling, in_stateless_scope)
     _installed = True
     return True
@@ -444,12 +445,15 @@ def _install_direct_calls(keras, torch, compiling, keras_conv_op, conv2d_nchw,
     try:
         from keras.src.backend import KerasTensor, get_autocast_scope, get_keras_mask
         from keras.src.backend.common.stateless_scope import in_stateless_scope
+        from keras.src.distribution import distribution_lib
+        from keras.src.layers.layer import Layer
         from keras.src.models.functional import Functional
     except ImportError as error:
         _laid_out_differently(keras, error, "layers are called through Keras as usual.")
         return
 
     keras_functional_call = Functional.call
+    layer_call = Layer.__call__
     dense_call, softmax = keras.layers.Dense.call, keras.activations.softmax
     tensor_type = torch.Tensor
     tensor_types = (torch.Tensor, torch.nn.Parameter)
@@ -716,6 +720,27 @@ def _install_direct_calls(keras, torch, compiling, keras_conv_op, conv2d_nchw,
     def keras_layout(layer, frame, keys, training):
         return None
 
+    def nested(layer, frame, keys, training):
+        """A functional model inside this one (the net inside the training model), called as
+        ``Layer.__call__`` calls it where that call adds nothing: one tensor without a mask, no
+        mask support, no distribution, and an autocast scope that the call would keep as it is
+        (about 0.3 ms a step). A functional model converts no inputs in ``Layer.__call__``, so
+        the tensor goes in as it is. Its own call then runs its plan."""
+        if (len(keys) != 1 or type(layer).__call__ is not layer_call or layer.supports_masking
+                or distribution_lib.distribution() is not None):
+            return None
+        scope = get_autocast_scope()
+        if scope is None:
+            if layer.compute_dtype != layer.variable_dtype:
+                return None
+        elif not layer.autocast or scope.dtype != layer.compute_dtype:
+            return None
+        x = frame.nhwc(keys[0])
+        if get_keras_mask(x) is not None:
+            return None
+        layer._called = True
+        return functional_call(layer, x, training=training), False
+
     def whole_pixel_shift(layer, frame, keys, training):
         """RandomShift by whole pixels (the pad-and-crop): the layer's own draws, then one
         row gather. Its matrix products move each pixel once with weight 1, so the gather gives
@@ -830,7 +855,7 @@ def _install_direct_calls(keras, torch, compiling, keras_conv_op, conv2d_nchw,
         ("Flatten", flatten), ("Dropout", keras_layout), ("Rescaling", rescaling),
         ("Normalization", normalization), ("RandomFlip", flip)) if hasattr(layers, name)}
     # a nested functional model (a net inside the training model) runs its own plan
-    handlers[Functional] = keras_layout
+    handlers[Functional] = nested
     try:  # the train stage's shift and crop (tasks/modeling.py)
         from tasks.modeling import RandomShift
     except ImportError:
@@ -854,7 +879,7 @@ def _install_direct_calls(keras, torch, compiling, keras_conv_op, conv2d_nchw,
     # they cast its kernel and bias to bfloat16, as Keras' autocast scope does, and leave a
     # batch norm's statistics float32, as Keras' BatchNormalization does
     bfloat16_handlers = {conv, batch_norm, relu, add, concatenate, pool, zero_pad,
-                         global_average, dense, flatten, keras_layout}
+                         global_average, dense, flatten, keras_layout, nested}
     compute_dtypes = {"float32": float32, "mixed_bfloat16": torch.bfloat16}
 
     def compute_dtype(layer, handler):
@@ -997,8 +1022,9 @@ def _install_direct_calls(keras, torch, compiling, keras_conv_op, conv2d_nchw,
             # the layer's state is checked on every call: a policy, a quantisation or a hook
             # can be set after the plan was made
             dtype = None if handler is None else compute_dtype(layer, handler)
-            if dtype is not None and inputs_fit(layer, frame, keys, handler is rescaling, dtype,
-                                                readers):
+            # (a nested model takes its input as it is: Layer.__call__ does not cast it)
+            if dtype is not None and (handler is nested or inputs_fit(
+                    layer, frame, keys, handler is rescaling, dtype, readers)):
                 # read by the conv handler (may it leave its bias out?) and the batch norm
                 # handler (is it the one that gives the left-out biases their gradient?)
                 frame.absorb = outputs[0] if absorb else None
@@ -1262,14 +1288,16 @@ def _install_fused_adam(keras, torch, compiling, value_of) -> None:
     Adam._parallel_update_step = parallel_update_step
 
 
-def _install_train_step(keras, torch, compiling, in_stateless_scope, step_weights) -> None:
+def _install_train_step(keras, torch, compiling, in_stateless_scope, value_of,
+                        step_weights) -> None:
     """Keras' torch ``train_step``, listing the model's trainable weights once a step.
 
     Keras' step asks ``model.trainable_weights`` three times (for the regularisers, to see
     whether there are any, and for the gradients), and each walks every layer: 79 for
     ResNet20 v1's training model. Here the step lists them once, after the forward pass as
-    Keras first does, and the regularisers read that list. Everything else is Keras' step, in
-    its order. Under torch.compile and in a stateless scope Keras' own step runs.
+    Keras first does, and the regularisers read that list; the gradients are read from the
+    variables' tensors without ``Variable.value``'s scope checks. Everything else is Keras'
+    step, in its order. Under torch.compile and in a stateless scope Keras' own step runs.
     """
     try:
         from keras.src import tree
@@ -1302,7 +1330,7 @@ def _install_train_step(keras, torch, compiling, in_stateless_scope, step_weight
         if weights:
             loss.backward()
             with torch.no_grad():
-                self.optimizer.apply([v.value.grad for v in weights], weights[:])
+                self.optimizer.apply([value_of(v).grad for v in weights], weights[:])
         else:
             warnings.warn("The model does not have any trainable weights.", stacklevel=2)
         return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
