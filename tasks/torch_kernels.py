@@ -738,7 +738,8 @@ def _install_direct_calls(keras, torch, compiling, keras_conv_op, conv2d_nchw,
         x = frame.nhwc(keys[0])
         if get_keras_mask(x) is not None:
             return None
-        layer._called = True
+        if not layer._called:  # as Layer.__call__ marks it (a tracked attribute: set once)
+            layer._called = True
         return functional_call(layer, x, training=training), False
 
     def whole_pixel_shift(layer, frame, keys, training):
