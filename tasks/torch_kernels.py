@@ -577,15 +577,12 @@ def _install_direct_calls(keras, torch, compiling, keras_conv_op, conv2d_nchw,
         ``dtype`` (:class:`CastKernels`); a kernel outside that set is cast alone."""
         kernels = frame.kernels
         if kernels is None:
-            chosen = {id(step[0]): step[0] for step in frame.steps
+            chosen = {id(step[0]): value_of(step[0].kernel) for step in frame.steps
                       if step[1] is conv and compute_dtype(step[0], conv) is dtype}
-            values = [value_of(layer_.kernel) for layer_ in chosen.values()]
-            chosen = [key for key, value in zip(chosen, values, strict=True)
-                      if type(value) in tensor_types and value.dtype is float32 and value.ndim == 4]
-            values = [value for value in values
-                      if type(value) in tensor_types and value.dtype is float32 and value.ndim == 4]
-            kernels = frame.kernels = (dict(zip(chosen, CastKernels.apply(dtype, *values),
-                                                strict=True)) if values else {})
+            chosen = {key: value for key, value in chosen.items()
+                      if type(value) in tensor_types and value.dtype is float32 and value.ndim == 4}
+            kernels = frame.kernels = (dict(zip(chosen, CastKernels.apply(dtype, *chosen.values()),
+                                                strict=True)) if chosen else {})
         kernel = kernels.get(id(layer))
         if kernel is None or kernel.dtype is not dtype:
             kernel = value_of(layer.kernel).permute(3, 2, 0, 1).to(
@@ -1331,7 +1328,7 @@ def _install_train_step(keras, torch, compiling, in_stateless_scope, value_of,
         if weights:
             loss.backward()
             with torch.no_grad():
-                self.optimizer.apply([value_of(v).grad for v in weights], weights[:])
+                self.optimizer.apply([value_of(v).grad for v in weights], weights)
         else:
             warnings.warn("The model does not have any trainable weights.", stacklevel=2)
         return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
@@ -1355,14 +1352,10 @@ def _install_seed_draws(keras, torch, compiling, in_stateless_scope) -> None:
         from keras.src import backend as keras_backend
         from keras.src.backend.torch import random as torch_random
         from keras.src.backend.torch.core import get_device
+        from keras.src.backend.torch.random import torch_seed_generator as keras_seed_generator
         from keras.src.random.seed_generator import SeedGenerator
     except ImportError as error:
         _laid_out_differently(keras, error, "random draws are seeded as usual.")
-        return
-    keras_seed_generator = getattr(torch_random, "torch_seed_generator", None)
-    if keras_seed_generator is None:
-        _laid_out_differently(keras, "no torch_seed_generator", "random draws are seeded as "
-                              "usual.")
         return
     tensor_types, int32 = (torch.Tensor, torch.nn.Parameter), torch.int32
     increment = torch.tensor([0, 1], dtype=int32)
