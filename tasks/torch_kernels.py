@@ -461,7 +461,7 @@ def _install_direct_calls(keras, torch, compiling, keras_conv_op, conv2d_nchw,
     functional = torch.nn.functional
     layers = keras.layers
     linear, relu_function = keras.activations.linear, keras.activations.relu
-    channels_last = torch.channels_last
+    channels_last, contiguous = torch.channels_last, torch.contiguous_format
     float32 = torch.float32
     plans: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -556,7 +556,9 @@ def _install_direct_calls(keras, torch, compiling, keras_conv_op, conv2d_nchw,
         node of the graph: a permutation and a cast each, as Keras' autocast scope casts a mixed
         layer's kernel, where each kernel's own ``permute`` and ``to`` recorded two nodes
         (about 24 us a convolution on this kind of CPU, ResNet20 v1 has 21). The backward
-        is theirs: each gradient cast back to the kernel's dtype and permuted back."""
+        is theirs: each gradient cast back to the kernel's dtype and permuted back, written
+        in the kernel's own (contiguous) layout in the same copy, so that torch stores it as
+        the kernel's gradient as it is; a permuted view would be copied once more there."""
 
         @staticmethod
         def forward(ctx, dtype, *kernels):
@@ -568,8 +570,9 @@ def _install_direct_calls(keras, torch, compiling, keras_conv_op, conv2d_nchw,
         @staticmethod
         @torch.autograd.function.once_differentiable
         def backward(ctx, *grads):
-            return None, *(None if grad is None else grad.to(dtype).permute(2, 3, 1, 0)
-                           for grad, dtype in zip(grads, ctx.dtypes, strict=True))
+            return None, *(None if grad is None else grad.permute(2, 3, 1, 0).to(
+                dtype=dtype, memory_format=contiguous) for grad, dtype in zip(grads, ctx.dtypes,
+                                                                              strict=True))
 
     def cast_kernel(layer, frame, dtype):
         """``layer``'s kernel in torch's OIHW, channels-last and ``dtype``. The first call of a

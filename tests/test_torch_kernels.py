@@ -847,6 +847,12 @@ def run():
     x = keras.layers.Conv2D(4, 3, strides=2, padding="same")(x)
     model = keras.Model(inputs, keras.layers.Flatten()(x))
     x = torch.from_numpy(np.random.default_rng(0).standard_normal((2, 8, 8, 3)).astype("float32"))
+    # the strides each kernel's gradient reaches the kernel in (a hook sees it before torch
+    # stores it; one in other strides than the kernel's is copied once more there)
+    incoming = {}
+    for w in model.trainable_weights:
+        if len(w.shape) == 4:
+            w.value.register_hook(lambda g, path=w.path: incoming.__setitem__(path, g.stride()))
     out = model(x, training=True)
     out.float().square().sum().backward()
     node = out.grad_fn
@@ -862,7 +868,9 @@ def run():
         stack.extend(f for f, _ in step.next_functions)
     return {"out": out.float().tolist(), "last_conv": type(node).__name__,
             "casts": sorted(n for n in nodes if "Cast" in n or "ToCopy" in n or "Permute" in n),
-            "grads": [w.value.grad.float().tolist() for w in model.trainable_weights]}
+            "grads": [w.value.grad.float().tolist() for w in model.trainable_weights],
+            "kernel_layouts": [incoming[w.path] == w.value.stride()
+                               for w in model.trainable_weights if len(w.shape) == 4]}
 
 keras_own = run()
 torch_kernels.install()
@@ -883,6 +891,8 @@ def test_bfloat16_convolutions_keep_torchs_bias_gradient_and_match_keras_bit_for
     assert results["keras"]["casts"].count("PermuteBackward0") == 5
     assert results["fused"]["casts"] == ["CastKernelsBackward", "PermuteBackward0",
                                          "ToCopyBackward0", "ToCopyBackward0"]
+    # the kernels' gradients leave the cast in the kernels' own layout
+    assert results["fused"]["kernel_layouts"] == [True, True]
     assert results["fused"]["out"] == results["keras"]["out"]
     assert results["fused"]["grads"] == results["keras"]["grads"]
 
