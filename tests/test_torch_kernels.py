@@ -390,6 +390,81 @@ print("RESULTS " + json.dumps({"fused": fused, "keras": keras_own,
 """
 
 
+LOSS_WALKS = r"""
+import gc, json
+import numpy as np, keras, torch
+from keras.src.layers.layer import Layer
+from tasks import torch_kernels
+
+names = ("add_loss", "_clear_losses", "losses")
+keras_own = {name: Layer.__dict__[name] for name in names}
+assert torch_kernels.install()
+fused = {name: Layer.__dict__[name] for name in names}
+gathered, cleared, depth = [], [], [0]
+keras_gather = Layer._get_own_losses
+
+def gather(self):  # a layer visited by Keras' walk that gathers added losses
+    gathered.append(self.name)
+    return keras_gather(self)
+
+Layer._get_own_losses = gather
+rng = np.random.default_rng(0)
+x = rng.standard_normal((12, 4, 4, 2)).astype("float32")
+y = rng.integers(0, 2, 12)
+
+def make(active):
+    keras.utils.set_random_seed(5)
+    l2 = keras.regularizers.L2(1e-2)
+    inputs = keras.Input((4, 4, 2))
+    h = keras.layers.Conv2D(3, 3, padding="same", kernel_regularizer=l2)(inputs)
+    h = keras.layers.BatchNormalization()(h)
+    # an activity regulariser adds a loss on every call (through add_loss)
+    h = keras.layers.Dense(3, activity_regularizer=keras.regularizers.L1(1e-2) if active
+                           else None)(keras.layers.Flatten()(h))
+    outputs = keras.layers.Dense(2, activation="softmax", kernel_regularizer=l2)(h)
+    model = keras.Model(inputs, outputs, name="net")
+    model.compile(optimizer=keras.optimizers.Adam(0.05), loss="sparse_categorical_crossentropy")
+    return model
+
+def run(mode, active):
+    for name in names:
+        setattr(Layer, name, (fused if mode == "fused" else keras_own)[name])
+    clear = Layer._clear_losses
+
+    def counted(self):  # a layer's losses cleared from a clearing of its parent's
+        nested = depth[0] > 0
+        cleared.append(nested)
+        depth[0] += 1
+        try:
+            return clear(self)
+        finally:
+            depth[0] -= 1
+
+    Layer._clear_losses = counted
+    gathered.clear(), cleared.clear()
+    model = make(active)
+    history = model.fit(x, y, batch_size=4, epochs=2, verbose=0, shuffle=False).history
+    out = {"history": history, "weights": [w.tolist() for w in model.get_weights()],
+           "gathered": len(gathered), "cleared": len(cleared),
+           "cleared_nested": sum(cleared)}
+    model(x[:4], training=True)
+    model(x[:4], training=True)  # the second call's losses replace the first's
+    out["losses"] = [float(loss) for loss in model.losses]
+    values = [v.value for v in model.trainable_variables]
+    others = [v.value for v in model.non_trainable_variables]
+    _, _, added = model.stateless_call(values, others, x[:4], training=True, return_losses=True)
+    out["stateless"] = [float(loss) for loss in added]
+    del model
+    gc.collect()
+    return out
+
+results = {mode: {kind: run(mode, kind == "active") for kind in ("plain", "active")}
+           for mode in ("fused", "keras")}
+results["fused"]["plain_again"] = run("fused", False)  # once the active model is gone
+print("RESULTS " + json.dumps(results))
+"""
+
+
 SEEDS = r"""
 import json
 import keras, torch
@@ -782,6 +857,24 @@ def test_the_training_step_lists_the_trainable_weights_once_and_trains_as_keras_
     # the same losses, metrics and weights, bit for bit, the frozen layer's untouched
     assert fused["history"] == keras_own["history"]
     assert fused["weights"] == keras_own["weights"]
+
+
+def test_added_losses_are_walked_for_only_while_a_layer_holds_one() -> None:
+    results = _under_torch(LOSS_WALKS)
+    fused, keras_own = results["fused"], results["keras"]
+    # no layer adds a loss: Keras clears every sublayer at each call and gathers from every
+    # layer at each step; ours visits no sublayer and gathers from none
+    assert fused["plain"]["gathered"] == 0 < keras_own["plain"]["gathered"]
+    assert fused["plain"]["cleared_nested"] == 0 < fused["plain"]["cleared"]
+    assert keras_own["plain"]["cleared_nested"] > 0
+    assert fused["plain_again"]["gathered"] == 0
+    # an activity regulariser adds a loss on every call: Keras' walks run, and the losses,
+    # the training history and the weights are Keras' bit for bit
+    assert fused["active"]["gathered"] > 0
+    for kind in ("plain", "active"):
+        for key in ("history", "weights", "losses", "stateless"):
+            assert fused[kind][key] == keras_own[kind][key], (kind, key)
+    assert len(fused["active"]["losses"]) == len(fused["active"]["stateless"]) == 3
 
 
 def test_seeded_draws_give_keras_numbers_and_advance_the_state_as_keras_does() -> None:
