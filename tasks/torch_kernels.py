@@ -88,6 +88,7 @@ replacement reaches into ``keras.src``; where that layout differs (another Keras
 from __future__ import annotations
 
 import warnings
+import weakref
 
 _installed = False
 # the convolution whose bias gradient is a sum, once install() has defined it (the torch
@@ -400,8 +401,6 @@ def install() -> bool:
     BatchNormalization.call = call
     _install_direct_calls(keras, torch, compiling, keras_conv_op, conv2d_nchw,
                           batch_norm_nchw, MovingAverages, value_of)
-    import weakref
-
     # a model's trainable weights during its training step, listed once for the step
     step_weights: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
     _install_loss_terms(keras, torch, compiling, in_stateless_scope, value_of, step_weights)
@@ -441,7 +440,6 @@ def _install_direct_calls(keras, torch, compiling, keras_conv_op, conv2d_nchw,
     """
     import collections
     import math
-    import weakref
 
     try:
         from keras.src.backend import KerasTensor, get_autocast_scope, get_keras_mask
@@ -571,9 +569,10 @@ def _install_direct_calls(keras, torch, compiling, keras_conv_op, conv2d_nchw,
         @staticmethod
         @torch.autograd.function.once_differentiable
         def backward(ctx, *grads):
-            return None, *(None if grad is None else grad.permute(2, 3, 1, 0).to(
-                dtype=dtype, memory_format=contiguous) for grad, dtype in zip(grads, ctx.dtypes,
-                                                                              strict=True))
+            return None, *(
+                None if grad is None
+                else grad.permute(2, 3, 1, 0).to(dtype=dtype, memory_format=contiguous)
+                for grad, dtype in zip(grads, ctx.dtypes, strict=True))
 
     def cast_kernel(layer, frame, dtype):
         """``layer``'s kernel in torch's OIHW, channels-last and ``dtype``. The first call of a
@@ -1240,8 +1239,6 @@ def _install_loss_walks(keras, compiling) -> None:
     layer is noted Keras' own walks run, and a cleared layer stops being noted. Under
     torch.compile Keras' own code runs.
     """
-    import weakref
-
     try:
         from keras.src.layers.layer import Layer
     except ImportError as error:
@@ -1259,8 +1256,8 @@ def _install_loss_walks(keras, compiling) -> None:
         if not holding and not compiling():
             return  # no layer holds a loss or an id: Keras' walk would clear nothing
         keras_clear(self)  # which calls this on each sublayer
-        for layer in [layer for layer in holding if not (layer._losses or layer._loss_ids)]:
-            holding.discard(layer)
+        if not (self._losses or self._loss_ids):
+            holding.discard(self)
 
     def losses(self):
         if holding or compiling() or self._losses_override:
