@@ -28,17 +28,19 @@ AUGMENT_PREFIX = "augment_"
 RECURSION_LIMIT = 20_000
 
 
-def load_model(path: Path) -> keras.Model:
+def load_model(path: Path, compile: bool = True) -> keras.Model:
     """Load a saved model, deep ones (thousands of layers) included.
 
     A trained model (models/<name>/model.keras) holds :class:`RandomShift`, which this module
     registers with Keras; ``keras.saving.load_model`` alone cannot load it unless this module
     was imported. The exports (export/<name>/) have no augmentation and load anywhere.
+    ``compile=False`` leaves out the saved compile settings (loss, metrics, optimizer and
+    ``jit_compile``), as ``keras.saving.load_model`` does.
     """
     import sys
 
     sys.setrecursionlimit(max(sys.getrecursionlimit(), RECURSION_LIMIT))
-    return keras.saving.load_model(path)
+    return keras.saving.load_model(path, compile=compile)
 
 
 def input_layers(mean: np.ndarray, std: np.ndarray) -> list[keras.layers.Layer]:
