@@ -28,10 +28,16 @@ TARGETS_S = {"main job": 300.0, "no-op dvc repro": 1.0, "no-op flow": 5.0}  # th
 
 
 def timed(cmd: list[str], cwd: Path, env: dict[str, str]) -> float:
+    """Seconds ``cmd`` took; exits with the end of its output when it fails."""
     started = time.perf_counter()
-    subprocess.run(cmd, cwd=cwd, env=env, check=True, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL)
-    return time.perf_counter() - started
+    result = subprocess.run(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    elapsed = time.perf_counter() - started
+    if result.returncode != 0:
+        tail = "\n".join(result.stdout.splitlines()[-25:])
+        raise SystemExit(f"{tail}\nerror: `{' '.join(cmd)}` exited with {result.returncode} in "
+                         f"the scratch clone of HEAD; nothing was timed (its output ends above)")
+    return elapsed
 
 
 def noop_flow(repo: Path, env: dict[str, str], repeat: int) -> tuple[float, float]:
