@@ -47,3 +47,38 @@ def test_a_bfloat16_model_trained_through_xla_exports(tmp_path):
     exported = keras.saving.load_model(tmp_path / "export/model.keras")
     assert exported.layers[-1].compute_dtype == "float32"  # the net's float32 softmax
     assert np.abs(np.asarray(exported.predict(images, verbose=0)) - plain).max() <= TOLERANCE
+
+
+def _exportable_nets():
+    from nets.registry import get_entry, list_models
+
+    small = ("mnist_cnn", "simple_cnn", "ynet")  # a few seconds each; the others up to 2 minutes
+    return [pytest.param(name, marks=() if name in small else pytest.mark.slow)
+            for name in list_models() if not get_entry(name).slow]
+
+
+@pytest.mark.parametrize("name", _exportable_nets())
+def test_every_net_exports_in_bfloat16(name, tmp_path):
+    from nets.registry import create_model
+    from tasks.export import TOLERANCE, export
+    from tasks.modeling import AUGMENT_PREFIX, build_training_model
+
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    net = create_model(name, num_classes=10)
+    shape = net.input_shape[1:]
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (32, *shape), dtype=np.uint8)
+    mean, std = np.full(shape, 0.5, "float32"), np.full(shape, 0.25, "float32")
+    model = build_training_model(net, mean, std, shift=0.1, flip=True, seed=1)
+    model.compile("adam", "sparse_categorical_crossentropy", jit_compile=False)
+    model.fit(images, rng.integers(0, 10, 32), batch_size=16, epochs=1, verbose=0)
+    model.save(tmp_path / "model.keras")
+    keras.config.set_dtype_policy("float32")  # as the export stage's own process starts
+
+    record = export(tmp_path / "model.keras", images[:20], tmp_path / "export")
+    assert record["keras_max_abs_diff"] <= TOLERANCE
+    assert record["saved_model_max_abs_diff"] <= TOLERANCE
+    exported = keras.saving.load_model(tmp_path / "export/model.keras")
+    assert not any(layer.name.startswith(AUGMENT_PREFIX) for layer in exported.layers)
+    computes = {layer.compute_dtype for layer in exported.layers[-1].layers}
+    assert "bfloat16" in computes  # still the trained model's mixed policy
