@@ -81,3 +81,40 @@ def test_every_net_exports_in_bfloat16(name, tmp_path):
     assert not any(layer.name.startswith(AUGMENT_PREFIX) for layer in exported.layers)
     computes = {layer.compute_dtype for layer in exported.layers[-1].layers}
     assert "bfloat16" in computes  # still the trained model's mixed policy
+
+
+@keras.saving.register_keras_serializable(package="test_export")
+class OffsetOnBuild(keras.layers.Layer):
+    """Adds a number chosen when the layer is built and kept outside its weights, so a saved and
+    reloaded copy predicts otherwise: the kind of custom layer the export check exists for."""
+
+    builds = 0
+
+    def build(self, input_shape):
+        OffsetOnBuild.builds += 1
+        self.offset = float(OffsetOnBuild.builds)
+
+    def call(self, x):
+        return x + self.offset
+
+
+def test_an_export_that_predicts_otherwise_stops_the_stage_and_writes_nothing(tmp_path, capsys):
+    from tasks.export import main
+
+    inputs = keras.Input((8, 8, 3), dtype="uint8", name="image")
+    x = keras.layers.Rescaling(1 / 255, name="scale")(inputs)
+    x = OffsetOnBuild(name="offset")(x)
+    x = keras.layers.Flatten()(x)
+    outputs = keras.layers.Dense(3, activation="softmax")(x)
+    keras.Model(inputs, outputs).save(tmp_path / "model.keras")
+    images = np.random.default_rng(0).integers(0, 256, (16, 8, 8, 3), dtype=np.uint8)
+    (tmp_path / "data").mkdir()
+    np.savez(tmp_path / "data/data.npz", x_test=images)
+
+    code = main(["--model", str(tmp_path / "model.keras"), "--data", str(tmp_path / "data"),
+                 "--out", str(tmp_path / "export")])
+    assert code == 1
+    message = capsys.readouterr().err
+    assert "the .keras export predicts differently from the trained model" in message
+    assert f"Nothing was written to {tmp_path / 'export'}" in message and "get_config" in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "model.keras"]
