@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             tail = "\n".join((done.stdout + done.stderr).splitlines()[-10:])
             print(f"  batch {batch:4d}: failed (exit {done.returncode})\n{tail}", flush=True)
             rows.append({"batch": batch, "error": tail})
+            save(args, rows)
             failed = True
             continue
         result = json.loads(found[0][7:])
@@ -82,11 +83,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  batch {batch:4d}: peak {gb:6.2f} GB ({result['resolved']['precision']}){note}",
               flush=True)
         rows.append({"batch": batch, **result})
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"net": args.net, "device": args.device, "rows": rows},
-                                        indent=2))
+        save(args, rows)
     return 1 if failed else 0
+
+
+def save(args: argparse.Namespace, rows: list[dict]) -> None:
+    """Rewrite ``--json`` after every batch size: a run stopped part-way (a time limit) keeps
+    the rows it finished."""
+    if args.json:
+        from tasks.io import write_json
+
+        write_json(args.json, {"net": args.net, "device": args.device, "rows": rows})
 
 
 if __name__ == "__main__":

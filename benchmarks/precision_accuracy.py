@@ -5,6 +5,7 @@
     python benchmarks/precision_accuracy.py --source ... --compare jit_compile=true,false \\
         --train-images 8000 --test-images 2000 --epochs 6 --seeds 1,2,3
     KERAS_BACKEND=jax python benchmarks/precision_accuracy.py --source ... (on a GPU)
+    python benchmarks/precision_accuracy.py --merge part-1.json part-2.json --json all.json
 
 Every run goes through ``tasks.train.train`` (the train stage's own function) with params.yaml's
 values, except: the recipe (``--recipe``, default the paper's SGD recipe), the epochs (the step
@@ -15,6 +16,10 @@ cut to a random subset of its training and test images (the same subset for ever
 prepared by ``tasks.preprocess.preprocess``. It prints each run's best validation accuracy and,
 per setting, the mean and the spread over seeds: a setting changes accuracy beyond run-to-run
 noise only if its mean sits outside the other's spread.
+
+``--json`` is rewritten after every run, so a run stopped part-way keeps what it finished.
+``--merge`` combines the files of several such runs (say, one per seed, run side by side on one
+GPU) into one summary; they must agree on the net, recipe, epochs, images and backend.
 """
 
 from __future__ import annotations
@@ -68,9 +73,68 @@ def subset(splits: Any, train_images: int | None, test_images: int | None, seed:
     return dataclasses.replace(splits, **cut)
 
 
+# what every merged file must agree on
+SAME = ("net", "recipe", "epochs", "train_images", "test_images", "backend")
+
+
+def summarize(runs: list[dict[str, Any]], echo: bool = True) -> dict[str, dict[str, float]]:
+    """Per setting, in order of first appearance: the mean, min and max of the best validation
+    accuracy over its seeds (printed too, with ``echo``)."""
+    summary = {}
+    for label in dict.fromkeys(r["setting"] for r in runs):
+        values = [r["best_val_accuracy"] for r in runs if r["setting"] == label]
+        summary[label] = {"mean": statistics.fmean(values), "min": min(values),
+                          "max": max(values)}
+        if echo:
+            print(f"{label:<28} mean {summary[label]['mean']:.4f} (min {min(values):.4f}, "
+                  f"max {max(values):.4f}) over {len(values)} seed(s)")
+    return summary
+
+
+def merge(paths: list[Path], out: Path | None) -> int:
+    """Combine the ``--json`` files of several runs into one summary (and ``out``)."""
+    from tasks.io import write_json
+
+    merged: dict[str, Any] = {}
+    runs: list[dict[str, Any]] = []
+    for path in paths:
+        try:
+            part = json.loads(path.read_text())
+            found = {key: part[key] for key in SAME}
+            part_runs = part["runs"]
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            print(f"error: {path}: not a result of this script ({error!r}); pass the files its "
+                  "--json wrote", file=sys.stderr)
+            return 2
+        if merged and found != {key: merged[key] for key in SAME}:
+            differ = [key for key in SAME if found[key] != merged[key]]
+            print(f"error: {path}: {', '.join(f'{k} {found[k]!r}' for k in differ)} where "
+                  f"{paths[0]} has {', '.join(repr(merged[k]) for k in differ)}; merge only "
+                  "runs of one comparison", file=sys.stderr)
+            return 2
+        merged.update(found)
+        for run in part_runs:
+            if any((r["setting"], r["seed"]) == (run["setting"], run["seed"]) for r in runs):
+                print(f"error: {path}: {run['setting']} seed {run['seed']} is also in an "
+                      "earlier file; each setting and seed may appear once", file=sys.stderr)
+                return 2
+            runs.append(run)
+            print(f"  {run['setting']:<28} seed {run['seed']}: best val_accuracy "
+                  f"{run['best_val_accuracy']:.4f}, last {run['last_val_accuracy']:.4f}, "
+                  f"{run['seconds']:.0f} s ({path.name})")
+    if not runs:
+        print("error: the files hold no finished run", file=sys.stderr)
+        return 1
+    summary = summarize(runs)
+    if out:
+        write_json(out, {**merged, "runs": runs, "summary": summary,
+                         "merged_from": [str(path) for path in paths]})
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--source", type=Path, required=True, help="image-folder .tar.gz")
+    parser.add_argument("--source", type=Path, help="image-folder .tar.gz (needed unless --merge)")
     parser.add_argument("--net", default="resnet20_v1")
     parser.add_argument("--recipe", default="paper")
     parser.add_argument("--epochs", type=int, default=15)
@@ -83,7 +147,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-images", type=int, help="a random subset of the training images")
     parser.add_argument("--test-images", type=int, help="a random subset of the test images")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--progress", action="store_true",
+                        help="print a line per epoch (Keras' verbose=2)")
+    parser.add_argument("--merge", nargs="+", type=Path, metavar="JSON",
+                        help="combine the --json files of earlier runs into one summary")
     args = parser.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, args.json)
+    if args.source is None:
+        print("error: --source is required: the image-folder .tar.gz to train on (or --merge "
+              "FILES to combine earlier results)", file=sys.stderr)
+        return 2
     if not args.source.exists():
         print(f"error: {args.source} not found; pass an image-folder archive with --source",
               file=sys.stderr)
@@ -145,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
         prepared = prepared_by[recipe]
         began = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
-            result = train(params, prepared, Path(tmp) / "model.keras", verbose=0)
+            result = train(params, prepared, Path(tmp) / "model.keras",
+                           verbose=2 if args.progress else 0)
         seconds = time.perf_counter() - began
         accuracy = max(result.history["val_accuracy"])
         runs.append({"setting": label, "seed": seed, "best_val_accuracy": accuracy,
@@ -155,20 +230,15 @@ def main(argv: list[str] | None = None) -> int:
               f"{result.history['val_accuracy'][-1]:.4f}, {seconds:.0f} s "
               f"({seconds / args.epochs:.1f} s/epoch)", flush=True)
         keras.backend.clear_session()
-    summary = {}
-    for label in labels:
-        values = [r["best_val_accuracy"] for r in runs if r["setting"] == label]
-        summary[label] = {"mean": statistics.fmean(values), "min": min(values),
-                          "max": max(values)}
-        print(f"{label:<28} mean {summary[label]['mean']:.4f} "
-              f"(min {min(values):.4f}, max {max(values):.4f}) over {len(values)} seed(s)")
-    if args.json:
-        from tasks.io import write_json
+        if args.json:  # after every run: a run stopped part-way keeps what it finished
+            from tasks.io import write_json
 
-        write_json(args.json, {
-            "net": args.net, "recipe": args.recipe, "epochs": args.epochs,
-            "train_images": len(splits.x_train), "test_images": len(splits.x_test),
-            "backend": keras.backend.backend(), "runs": runs, "summary": summary})
+            write_json(args.json, {
+                "net": args.net, "recipe": args.recipe, "epochs": args.epochs,
+                "train_images": len(splits.x_train), "test_images": len(splits.x_test),
+                "backend": keras.backend.backend(), "runs": runs,
+                "summary": summarize(runs, echo=False)})
+    summarize(runs)
     return 0
 
 

@@ -123,3 +123,78 @@ def test_accuracy_comparison_trains_under_each_setting(tmp_path, capsys) -> None
     assert "threads=0" in captured.err and "decoded" not in captured.out
     assert main(["--source", str(archive), "--seeds", "1,x"]) == 2
     assert "--seeds '1,x': expected whole numbers" in capsys.readouterr().err
+
+
+def _precision_result(path, epochs: int, runs: list[tuple[str, int, float]]):
+    import json
+
+    path.write_text(json.dumps({
+        "net": "resnet20_v1", "recipe": "paper", "epochs": epochs, "train_images": 64,
+        "test_images": 32, "backend": "jax",
+        "runs": [{"setting": setting, "seed": seed, "best_val_accuracy": best,
+                  "last_val_accuracy": best, "seconds": 1.0, "speed": {}}
+                 for setting, seed, best in runs]}))
+    return path
+
+
+def test_accuracy_results_of_separate_runs_merge_into_one_summary(tmp_path, capsys) -> None:
+    import json
+
+    from benchmarks.precision_accuracy import main
+
+    parts = [_precision_result(tmp_path / f"{p}-{s}.json", 15, [(f"precision={p}", s, acc)])
+             for p, s, acc in (("float32", 1, 0.80), ("float32", 2, 0.84),
+                               ("mixed_bfloat16", 1, 0.83), ("mixed_bfloat16", 2, 0.85))]
+    out = tmp_path / "all.json"
+    assert main(["--merge", *map(str, parts), "--json", str(out)]) == 0
+    merged = json.loads(out.read_text())
+    assert [(r["setting"], r["seed"]) for r in merged["runs"]] == [
+        ("precision=float32", 1), ("precision=float32", 2),
+        ("precision=mixed_bfloat16", 1), ("precision=mixed_bfloat16", 2)]
+    assert merged["summary"]["precision=float32"] == pytest.approx(
+        {"mean": 0.82, "min": 0.80, "max": 0.84})
+    assert merged["summary"]["precision=mixed_bfloat16"]["mean"] == pytest.approx(0.84)
+    assert (merged["epochs"], merged["backend"]) == (15, "jax")
+    assert "mean 0.8400 (min 0.8300, max 0.8500) over 2 seed(s)" in capsys.readouterr().out
+
+    # runs of another comparison, a seed given twice, or a foreign file are refused, unwritten
+    other = _precision_result(tmp_path / "other.json", 10, [("precision=float32", 3, 0.7)])
+    twice = _precision_result(tmp_path / "twice.json", 15, [("precision=float32", 1, 0.7)])
+    foreign = tmp_path / "foreign.json"
+    foreign.write_text('{"rows": []}')
+    for extra, message in ((other, "other.json: epochs 10 where"), (twice, "seed 1 is also in"),
+                           (foreign, "foreign.json: not a result of this script")):
+        assert main(["--merge", str(parts[0]), str(extra), "--json", str(tmp_path / "x.json")]) == 2
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "x.json").exists()
+    assert main(["--epochs", "1"]) == 2
+    assert "--source is required" in capsys.readouterr().err
+
+
+def test_an_accuracy_comparison_stopped_part_way_keeps_its_finished_runs(tmp_path,
+                                                                        monkeypatch) -> None:
+    import json
+
+    import tasks.train
+    from benchmarks.precision_accuracy import main
+    from tests.archives import make_imagefolder_tar
+
+    archive, _ = make_imagefolder_tar(tmp_path / "images.tar.gz", train_per_class=4,
+                                      test_per_class=2, size=(32, 32))
+    real, calls = tasks.train.train, []
+
+    def train(*args, **kwargs):
+        calls.append(kwargs["verbose"])
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # what a time limit's signal does to the second run
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tasks.train, "train", train)
+    out = tmp_path / "result.json"
+    with pytest.raises(KeyboardInterrupt):
+        main(["--source", str(archive), "--net", "simple_cnn", "--epochs", "1", "--seeds", "1,2",
+              "--precisions", "float32", "--progress", "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert [(r["setting"], r["seed"]) for r in result["runs"]] == [("precision=float32", 1)]
+    assert result["summary"]["precision=float32"]["min"] == result["runs"][0]["best_val_accuracy"]
+    assert calls == [2, 2]  # --progress: a line per epoch
