@@ -73,35 +73,49 @@ if [ "$smoke" = 1 ]; then
     device=cpu
 fi
 names=() states=()
-# part NAME SECONDS COMMAND...: run it in the foreground under a time limit (0: none)
+# Every part runs under coreutils' timeout, in a process group of its own that the time limit
+# ends whole (memory.py's worker processes too). Ctrl-C or a TERM to this script stops the
+# parts still running the same way, rather than leaving them behind.
+running=()
+stop_parts() {
+    [ ${#running[@]} -eq 0 ] || { kill -TERM "${running[@]}"; wait "${running[@]}"; } 2>/dev/null
+}
+trap 'echo "interrupted: stopping the parts still running" >&2; stop_parts; exit 130' INT TERM
+# part NAME SECONDS COMMAND...: run it alone under a time limit (0: none)
 part() {
     local name=$1 limit=$2 began=$SECONDS rc
     shift 2
     echo "== $name"
-    timeout --kill-after=10 "$limit" "$@"
+    timeout --kill-after=10 "$limit" "$@" &
+    running=($!)
+    wait "${running[0]}"
     rc=$?
+    running=()
     record "$name" "$limit" "$rc" $((SECONDS - began))
 }
 # background NAME SECONDS COMMAND...: start it beside the others; settle waits for them all
-waiting=() pids=() limits=() started=()
+declare -A waiting=() limits=() logs=()
 background() {
-    local name=$1 limit=$2 i=${#waiting[@]}
+    local name=$1 limit=$2
     shift 2
     echo "== $name: started beside the others"
-    ( timeout --kill-after=10 "$limit" "$@"; echo "$? $SECONDS" >"$scratch/done-$i" ) \
-        >"$scratch/log-$i" 2>&1 &
-    waiting+=("$name") pids+=($!) limits+=("$limit") started+=("$SECONDS")
+    logs[$name]="$scratch/log-${#logs[@]}"
+    timeout --kill-after=10 "$limit" "$@" >"${logs[$name]}" 2>&1 &
+    waiting[$!]=$name limits[$name]=$limit
+    running+=($!)
 }
 settle() {
-    local i rc ended
-    for i in "${!waiting[@]}"; do
-        wait "${pids[$i]}"
-        read -r rc ended <"$scratch/done-$i" || rc=1 ended=$SECONDS
-        echo "== ${waiting[$i]}"
-        cat "$scratch/log-$i"
-        record "${waiting[$i]}" "${limits[$i]}" "$rc" $((ended - started[$i]))
+    local began=$SECONDS finished rc name
+    while [ ${#waiting[@]} -gt 0 ]; do
+        wait -n -p finished "${!waiting[@]}"
+        rc=$?
+        name=${waiting[$finished]}
+        unset "waiting[$finished]"
+        echo "== $name"
+        cat "${logs[$name]}"
+        record "$name" "${limits[$name]}" "$rc" $((SECONDS - began))
     done
-    waiting=() pids=() limits=() started=()
+    running=()
 }
 record() {
     local state
@@ -117,7 +131,12 @@ echo "deepnets GPU measurements: plan $plan$([ "$smoke" = 1 ] && echo ', smoke (
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "nvidia-smi: none"
 "$py" - "$device" <<'EOF' || exit 3
 import sys
-import jax, keras
+try:
+    import jax, keras
+except ImportError as error:
+    sys.exit(f"error: {error}: this Python ({sys.executable}) lacks a package the measurements "
+             "need; on a machine without network, fetch the wheels with bash "
+             "benchmarks/gpu_prepare.sh and pass --wheels .gpu/wheels (or set PYTHON)")
 found = jax.devices()
 print(f"python {sys.version.split()[0]}, keras {keras.__version__} ({keras.backend.backend()}), "
       f"jax {jax.__version__}: {found}")

@@ -1,14 +1,18 @@
 """benchmarks/gpu.sh, the prepared GPU run, checked on this CPU with ``--smoke``: every part of
 the short plan runs through the real scripts (Keras on JAX), each under its own time limit, and
-a part that overruns is stopped and reported while the others still finish."""
+a part that overruns is stopped and reported while the others still finish, and stopping the
+script stops every part it started."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 from tests.archives import make_imagefolder_tar
 from tests.conftest import ROOT
@@ -76,3 +80,43 @@ def test_the_short_gpu_plan_runs_every_part_and_stops_one_at_its_limit(tmp_path)
     assert {r["speed"]["backend"] for r in precision["runs"]} == {"jax"}
     assert (precision["train_images"], precision["test_images"]) == (64, 32)
     assert sorted(p.name for p in out.iterdir()) == written
+
+
+def _processes_naming(*texts: str) -> list[str]:
+    """The command lines of running processes that hold every one of ``texts``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            line = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, ValueError):
+            continue
+        if all(text in line for text in texts):
+            found.append(line)
+    return found
+
+
+def test_stopping_the_gpu_script_stops_the_parts_it_started(tmp_path) -> None:
+    archive, _ = make_imagefolder_tar(tmp_path / "images.tar.gz", train_per_class=22,
+                                      test_per_class=11, size=(32, 32))
+    out = tmp_path / "out"
+    script = subprocess.Popen(["bash", str(SCRIPT), "--plan", "short", "--smoke", str(out),
+                               str(archive)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              env={**os.environ, "PYTHON": sys.executable}, text=True)
+    deadline = time.monotonic() + 120
+    # the four accuracy runs and memory.py's worker are under way
+    while (len(_processes_naming("precision_accuracy.py", str(archive))) < 8  # timeout + python
+           or not _processes_naming(str(ROOT / "benchmarks/memory.py"), "--worker")):
+        assert script.poll() is None and time.monotonic() < deadline
+        time.sleep(0.2)
+    script.send_signal(signal.SIGTERM)
+    output, _ = script.communicate(timeout=60)
+    assert script.returncode == 130
+    assert "interrupted: stopping the parts still running" in output
+    def left() -> list[str]:
+        return (_processes_naming(str(tmp_path))
+                + _processes_naming(str(ROOT / "benchmarks/memory.py"), "--worker"))
+
+    deadline = time.monotonic() + 20
+    while left() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert left() == []
