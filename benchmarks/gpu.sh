@@ -16,7 +16,7 @@
 #                 packages; benchmarks/gpu_prepare.sh fetches them) into a scratch directory
 #                 first, for a machine without network
 #   --smoke       the same steps at toy sizes on the CPU: checks the script and its Python
-#                 imports on a machine without a GPU (what tests/test_benchmarks.py runs)
+#                 imports on a machine without a GPU (what tests/test_gpu_script.py runs)
 #
 # Writes OUT_DIR/gpu.log (everything printed) and each part's JSON; ends with one line per part
 # (ok, failed, or over its time limit) and exits 1 if any part did not finish. The short plan's

@@ -11,11 +11,13 @@
 #
 #   bash benchmarks/gpu.sh --plan short --wheels .gpu/wheels OUT_DIR .gpu/cifar10-jpeg.tar.gz
 set -euo pipefail
+archive=${1:-}
+[ -z "$archive" ] || archive=$(realpath -m "$archive")  # as given, before the cd below
 cd "$(dirname "$0")/.."
+archive=${archive:-../shared/datasets/cifar10-jpeg.tar.gz}
 # on the GPU machines this project was measured on, everything else the benchmarks import was
 # already installed (numpy, h5py, ml-dtypes, absl-py, rich, pyyaml, pillow, jax, torch, ...)
 packages=(keras namex optree pydantic pydantic-core annotated-types typing-inspection)
-archive=${1:-../shared/datasets/cifar10-jpeg.tar.gz}
 python_version=${PYTHON_VERSION:-3.12}
 py=${PYTHON:-python3}
 
@@ -48,5 +50,5 @@ mv "$staging" .gpu
 echo "wrote .gpu/ ($(du -sh .gpu | cut -f1)):"
 ls -1 .gpu/wheels
 echo
-echo "on the GPU machine, in a copy of this checkout with .gpu/ beside it:"
+echo "on the GPU machine, in a copy of this checkout that includes .gpu/:"
 echo "  bash benchmarks/gpu.sh --plan short --wheels .gpu/wheels OUT_DIR .gpu/cifar10-jpeg.tar.gz"

@@ -120,3 +120,13 @@ def test_stopping_the_gpu_script_stops_the_parts_it_started(tmp_path) -> None:
     while left() and time.monotonic() < deadline:
         time.sleep(0.2)
     assert left() == []
+
+
+def test_gpu_prepare_stops_on_a_missing_archive_before_it_fetches_anything(tmp_path) -> None:
+    before = sorted(p.name for p in ROOT.iterdir())
+    done = subprocess.run(["bash", str(ROOT / "benchmarks/gpu_prepare.sh"),
+                           str(tmp_path / "cifar.tar.gz")], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=60)
+    assert done.returncode == 2
+    assert f"{tmp_path / 'cifar.tar.gz'} not found" in done.stderr
+    assert sorted(p.name for p in ROOT.iterdir()) == before  # no .gpu-staging.* left behind
