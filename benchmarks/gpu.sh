@@ -7,7 +7,7 @@
 #   --plan full   (default) every GPU table: ResNet20 v1 in every configuration, the deeper
 #                 nets, the train stage's own loop, DenseNet-BC-100's memory at batches 32-256
 #                 and, given the archive, bfloat16 against float32 accuracy. About 30 minutes.
-#   --plan short  what fits one command of a 15-minute GPU lease (at most about 7 minutes:
+#   --plan short  what fits one command of a 15-minute GPU lease (at most about 8 minutes:
 #                 each part stops at its own time limit): DenseNet-BC-100's memory at batches
 #                 32, 128 and 256 beside four accuracy runs (two seeds each of float32 and
 #                 bfloat16, EPOCHS=15 epochs of all of CIFAR-10), then target 2 alone (ResNet20
@@ -20,7 +20,7 @@
 #
 # Writes OUT_DIR/gpu.log (everything printed) and each part's JSON; ends with one line per part
 # (ok, failed, or over its time limit) and exits 1 if any part did not finish. The short plan's
-# limits, in seconds: TIMEOUT_MEMORY (200), TIMEOUT_PRECISION (240), TIMEOUT_THROUGHPUT (150).
+# limits, in seconds: TIMEOUT_MEMORY (200), TIMEOUT_PRECISION (300), TIMEOUT_THROUGHPUT (150).
 set -uo pipefail  # not -e: a part that fails or runs out of time is reported and the rest run
 
 usage() { sed -n '2,/^set /p' "$0" | sed '$d; s/^# \{0,1\}//'; }
@@ -187,7 +187,7 @@ else
     if [ -n "$cifar" ]; then
         for precision in float32 mixed_bfloat16; do
             for seed in 1 2; do
-                background "precision $precision seed $seed" "${TIMEOUT_PRECISION:-240}" \
+                background "precision $precision seed $seed" "${TIMEOUT_PRECISION:-300}" \
                     "$py" benchmarks/precision_accuracy.py --source "$cifar" \
                     --epochs "$precision_epochs" --seeds "$seed" --precisions "$precision" \
                     "${subset[@]}" --progress --json "$scratch/precision-$precision-$seed.json"
