@@ -69,9 +69,7 @@ if [ -n "$wheels" ]; then
 fi
 
 device=gpu
-if [ "$smoke" = 1 ]; then
-    device=cpu
-fi
+[ "$smoke" = 0 ] || device=cpu
 names=() states=()
 # Every part runs under coreutils' timeout, in a process group of its own that the time limit
 # ends whole (memory.py's worker processes too). Ctrl-C or a TERM to this script stops the

@@ -77,6 +77,13 @@ def subset(splits: Any, train_images: int | None, test_images: int | None, seed:
 SAME = ("net", "recipe", "epochs", "train_images", "test_images", "backend")
 
 
+def describe(run: dict[str, Any], epochs: int) -> str:
+    """One run's line: its setting, seed, best and last validation accuracy and time."""
+    return (f"  {run['setting']:<28} seed {run['seed']}: best val_accuracy "
+            f"{run['best_val_accuracy']:.4f}, last {run['last_val_accuracy']:.4f}, "
+            f"{run['seconds']:.0f} s ({run['seconds'] / epochs:.1f} s/epoch)")
+
+
 def summarize(runs: list[dict[str, Any]], echo: bool = True) -> dict[str, dict[str, float]]:
     """Per setting, in order of first appearance: the mean, min and max of the best validation
     accuracy over its seeds (printed too, with ``echo``)."""
@@ -119,9 +126,7 @@ def merge(paths: list[Path], out: Path | None) -> int:
                       "earlier file; each setting and seed may appear once", file=sys.stderr)
                 return 2
             runs.append(run)
-            print(f"  {run['setting']:<28} seed {run['seed']}: best val_accuracy "
-                  f"{run['best_val_accuracy']:.4f}, last {run['last_val_accuracy']:.4f}, "
-                  f"{run['seconds']:.0f} s ({path.name})")
+            print(f"{describe(run, found['epochs'])} from {path.name}")
     if not runs:
         print("error: the files hold no finished run", file=sys.stderr)
         return 1
@@ -222,13 +227,11 @@ def main(argv: list[str] | None = None) -> int:
             result = train(params, prepared, Path(tmp) / "model.keras",
                            verbose=2 if args.progress else 0)
         seconds = time.perf_counter() - began
-        accuracy = max(result.history["val_accuracy"])
-        runs.append({"setting": label, "seed": seed, "best_val_accuracy": accuracy,
+        runs.append({"setting": label, "seed": seed,
+                     "best_val_accuracy": max(result.history["val_accuracy"]),
                      "last_val_accuracy": result.history["val_accuracy"][-1],
                      "seconds": seconds, "speed": result.speed})
-        print(f"  {label:<28} seed {seed}: best val_accuracy {accuracy:.4f}, last "
-              f"{result.history['val_accuracy'][-1]:.4f}, {seconds:.0f} s "
-              f"({seconds / args.epochs:.1f} s/epoch)", flush=True)
+        print(describe(runs[-1], args.epochs), flush=True)
         keras.backend.clear_session()
         if args.json:  # after every run: a run stopped part-way keeps what it finished
             from tasks.io import write_json
